@@ -1,0 +1,243 @@
+"""DoRA and LoRA layers for ``nn.Linear`` (DESIGN §3). Imports torch only.
+
+Shapes and conventions, for a frozen linear layer ``W0: (out, in)``, bias ``b: (out,)``:
+
+    A: (r, in)   B: (out, r)   s = alpha / r          ΔW = s·B·A,  V = W0 + ΔW
+    axis="out":  m: (out,)  ‖V‖ one L2 norm per output row     W' = diag(m/‖V‖) · V
+    axis="in":   m: (in,)   ‖V‖ one L2 norm per input column   W' = V · diag(m/‖V‖)
+    y = W' x + b   (the bias is never scaled)
+
+The norm is a constant in backward (DoRA paper §4.3): gradients reach m through m/‖V‖ and reach A, B
+through the B(Ax) branch. That is also what peft does, so our forward and gradients match peft's.
+
+Speed: the norm depends on A, B and W0 only, so it is computed once per optimizer step (in the factored
+form below, without building an (out, in) matrix) and cached until one of those tensors changes. Every
+forward in the same step — gradient accumulation, gradient checkpointing's recomputation — reuses it.
+The forward is then the LoRA forward plus one fused elementwise op:
+
+    axis="out":  y = b + c ⊙ (W0 x + s·B(Ax))        c = m/‖V‖ ∈ R^out
+    axis="in":   y = W0 (c⊙x) + s·B(A(c⊙x)) + b     c = m/‖V‖ ∈ R^in
+
+Strength λ of an unmerged adapter: W(λ) = W0 + λ(W' − W0) (λ=0 is exactly the base model); several
+adapters add their deltas. Merging folds them into the weight and keeps an exact copy of W0 so that
+unmerging restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+KINDS = ("dora", "lora")
+AXES = ("out", "in")
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers (AdamW(fused=True), the default on CUDA in many scripts) update parameters without bumping
+# their version counters, so every optimizer step anywhere also invalidates the cached norms. torch calls this
+# global hook after the step of every torch.optim.Optimizer subclass (8-bit AdamW and Prodigy included).
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _tensor_key(*tensors: torch.Tensor) -> tuple:
+    """Identifies the current contents of tensors: optimizer steps (counted globally), in-place edits (which
+    bump ``_version``: copy_, load_state_dict), and moves or ``.data`` swaps (storage pointer, dtype, device)."""
+    return (_optimizer_steps, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+
+
+class Adapter(nn.Module):
+    """One named adapter on one linear layer: the trainable A, B (and m for DoRA), all fp32."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        *,
+        kind: str,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        axis: str = "out",
+    ) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.kind, self.rank, self.alpha, self.axis = kind, int(rank), float(alpha), axis
+        self.scaling = self.alpha / self.rank
+        self.scale = 1.0  # strength λ
+        self.enabled = True
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0 makes the adapter a no-op at init
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._w0_sq: tuple[tuple, torch.Tensor] | None = None  # (key of W0, ‖W0‖² per row/column)
+        self._norm: tuple[tuple, torch.Tensor] | None = None  # (key of W0, A, B, ‖V‖)
+        if kind == "dora":
+            # m = ‖W0‖ from the same fp32 computation as ‖V‖, so that at init m/‖V‖ is exactly 1.
+            self.magnitude = nn.Parameter(self.weight_norm(weight).clone())
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, axis={self.axis}, scale={self.scale:g}"
+
+    # -- the norm ‖V‖, factored and cached ---------------------------------------------------------------------
+
+    def _w0_squared(self, weight: torch.Tensor) -> torch.Tensor:
+        key = _tensor_key(weight)
+        if self._w0_sq is None or self._w0_sq[0] != key:
+            w = weight.detach().float()
+            self._w0_sq = (key, w.square().sum(dim=1 if self.axis == "out" else 0))
+        return self._w0_sq[1]
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖V‖ in fp32, detached: (out,) for axis="out", (in,) for axis="in".
+
+        Factored so that no (out, in) matrix is built beyond an fp32 view of W0:
+            rows:    ‖V_i‖² = ‖W0_i‖² + 2s·B_i·(W0 Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
+            columns: ‖V_j‖² = ‖W0_j‖² + 2s·A_j·(Bᵀ W0)_j + s²·A_j (Bᵀ B) A_jᵀ
+        """
+        A, B = self.lora_A, self.lora_B
+        key = _tensor_key(weight, A, B)
+        if self._norm is not None and self._norm[0] == key:
+            return self._norm[1]
+        w, s = weight.detach().float(), self.scaling
+        sq = self._w0_squared(weight)
+        if self.axis == "out":
+            cross = (B * (w @ A.t())).sum(dim=1)  # (out,)
+            quad = ((B @ (A @ A.t())) * B).sum(dim=1)
+        else:
+            cross = (A * (B.t() @ w)).sum(dim=0)  # (in,)
+            quad = (((B.t() @ B) @ A) * A).sum(dim=0)
+        norm = (sq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
+        self._norm = (key, norm)
+        return norm
+
+    def norm_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """c = m / ‖V‖ (fp32, differentiable in m only)."""
+        return self.magnitude / self.weight_norm(weight)
+
+    # -- forward pieces ----------------------------------------------------------------------------------------
+
+    def lora_branch(self, x2: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """[base +] s·B(A·dropout(x2)) for x2: (N, in); with base, one GEMM with a fused epilogue."""
+        dtype = x2.dtype
+        ax = self.dropout(x2) @ self.lora_A.to(dtype).t()  # (N, r)
+        if base is None:
+            return self.scaling * (ax @ self.lora_B.to(dtype).t())
+        return torch.addmm(base, ax, self.lora_B.to(dtype).t(), alpha=self.scaling)
+
+    def delta(self, x2: torch.Tensor, base: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W'x − W0x for x2: (N, in), given base = W0x (no bias): (N, out)."""
+        if self.kind == "lora":
+            return self.lora_branch(x2)
+        c = self.norm_scale(weight).to(x2.dtype)
+        if self.axis == "out":
+            # (c − 1)⊙W0x + c⊙s·B(Ax)
+            return torch.addcmul(base * (c - 1), self.lora_branch(x2), c)
+        xs = x2 * c
+        return F.linear(xs - x2, weight) + self.lora_branch(xs)
+
+    @torch.no_grad()
+    def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """W' − W0 in fp32: (out, in)."""
+        w = weight.float()
+        delta = self.scaling * (self.lora_B @ self.lora_A)
+        if self.kind == "lora":
+            return delta
+        c = self.norm_scale(weight)
+        v = w + delta
+        return (v * c[:, None] if self.axis == "out" else v * c[None, :]) - w
+
+
+class AdaptedLinear(nn.Linear):
+    """An ``nn.Linear`` carrying named adapters. It owns the original ``weight`` and ``bias`` parameters
+    under the same names, so base-model state dicts and ``isinstance(m, nn.Linear)`` keep working."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.adapters = nn.ModuleDict()
+        self.merged = False
+        self._w0_backup: torch.Tensor | None = None  # exact copy of W0 while merged (on CPU)
+
+    def add(self, name: str, **kwargs) -> Adapter:
+        adapter = Adapter(self.weight, **kwargs)
+        self.adapters[name] = adapter
+        return adapter
+
+    def active(self) -> list[Adapter]:
+        return [a for a in self.adapters.values() if a.enabled and a.scale != 0.0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = [] if self.merged else self.active()
+        if not active:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        weight = self.weight
+        if len(active) == 1 and active[0].scale == 1.0:
+            y = self._forward_single(x2, active[0], weight)
+        else:
+            base = F.linear(x2, weight)
+            y = base
+            for a in active:
+                y = y + a.scale * a.delta(x2, base, weight)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _forward_single(self, x2: torch.Tensor, a: Adapter, weight: torch.Tensor) -> torch.Tensor:
+        """The training path: one adapter at strength 1; one elementwise op beyond LoRA."""
+        if a.kind == "lora":
+            return a.lora_branch(x2, F.linear(x2, weight, self.bias))
+        c = a.norm_scale(weight)
+        if a.axis == "in":
+            xs = x2 * c.to(x2.dtype)
+            return a.lora_branch(xs, F.linear(xs, weight, self.bias))
+        h = a.lora_branch(x2, x2 @ weight.t())  # W0x + s·B(Ax)
+        c = c.to(h.dtype)
+        return torch.addcmul(self.bias.to(h.dtype), h, c) if self.bias is not None else h * c
+
+    # -- merge / unmerge ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W0 + Σ λ_i (W'_i − W0) over the enabled adapters; W0 is kept to unmerge exactly."""
+        if self.merged:
+            return
+        active = self.active()
+        self._w0_backup = self.weight.detach().to("cpu", copy=True)
+        if active:
+            total = sum(a.scale * a.merged_delta(self.weight) for a in active)
+            self.weight.copy_((self.weight.float() + total).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.weight.copy_(self._w0_backup)
+        self._w0_backup = None
+        self.merged = False
+
+    def base_weight(self) -> torch.Tensor:
+        """W0, whether or not adapters are merged."""
+        return self._w0_backup.to(self.weight.device) if self.merged else self.weight
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing W0 and the bias (used when the last adapter is removed)."""
+        self.unmerge()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
