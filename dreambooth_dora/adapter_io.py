@@ -135,8 +135,15 @@ def save_adapter(
         )
     comps = components(pipe)
     arch = _arch(pipe)
-    ours = {"format_version": FORMAT_VERSION, "kind": info.kind, "rank": info.rank, "alpha": info.alpha,
-            "axis": info.axis, "arch": arch, **(metadata or {})}
+    ours = {
+        "format_version": FORMAT_VERSION,
+        "kind": info.kind,
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "axis": info.axis,
+        "arch": arch,
+        **(metadata or {}),
+    }
     tensors: dict[str, torch.Tensor] = {}
 
     def put(key: str, t: torch.Tensor) -> None:
@@ -166,14 +173,25 @@ def save_adapter(
     if format == "native":
         peft_cfg = {}
         for comp, paths in targets.items():
-            peft_cfg.update({f"{comp}.r": info.rank, f"{comp}.lora_alpha": info.alpha,
-                             f"{comp}.use_dora": info.kind == "dora", f"{comp}.target_modules": sorted(paths)})
+            peft_cfg.update(
+                {
+                    f"{comp}.r": info.rank,
+                    f"{comp}.lora_alpha": info.alpha,
+                    f"{comp}.use_dora": info.kind == "dora",
+                    f"{comp}.target_modules": sorted(paths),
+                }
+            )
         header[DIFFUSERS_KEY] = json.dumps(peft_cfg, sort_keys=True)
     else:
-        header.update({"ss_network_module": "lycoris.kohya" if info.kind == "dora" else "networks.lora",
-                       "ss_network_dim": str(info.rank), "ss_network_alpha": f"{info.alpha:g}",
-                       "ss_base_model_version": "sdxl_base_v1-0" if arch["sdxl"] else "sd_v1",
-                       "ss_network_args": json.dumps({"dora_wd": "True"} if info.kind == "dora" else {})})
+        header.update(
+            {
+                "ss_network_module": "lycoris.kohya" if info.kind == "dora" else "networks.lora",
+                "ss_network_dim": str(info.rank),
+                "ss_network_alpha": f"{info.alpha:g}",
+                "ss_base_model_version": "sdxl_base_v1-0" if arch["sdxl"] else "sd_v1",
+                "ss_network_args": json.dumps({"dora_wd": "True"} if info.kind == "dora" else {}),
+            }
+        )
     _atomic_save(tensors, path, header)
     return path
 
@@ -197,6 +215,11 @@ def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         )
     if size < 8:
         raise AdapterFileError(f"{path.name}: not a safetensors file ({size} bytes is too short for a header)")
+    if head[8:9] != b"{":  # a safetensors header is JSON right after its 8-byte length
+        raise AdapterFileError(
+            f"{path.name}: not a safetensors file (it starts with {head[:12]!r}); an HTML error page or another "
+            "format saved under this name? Download the .safetensors file again"
+        )
     (header_len,) = struct.unpack("<Q", head[:8])
     if header_len > MAX_HEADER:
         raise AdapterFileError(
@@ -212,7 +235,9 @@ def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises a bare SafetensorError with terse text
-        raise AdapterFileError(f"{path.name}: not a valid safetensors file ({e}); download or copy it again") from e
+        raise AdapterFileError(
+            f"{path.name}: truncated or corrupt safetensors file ({e}); download or copy it again"
+        ) from e
     if not tensors:
         raise AdapterFileError(f"{path.name}: the file holds no tensors")
     return tensors, meta
@@ -234,6 +259,7 @@ def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
     comps = components(pipe)
     fmt = "kohya" if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in tensors) else "native"
     table = keys.name_table(comps, "text_encoder_2" in comps) if fmt == "kohya" else {}
+    module_names = {comp: {n for n, _ in m.named_modules()} for comp, m in comps.items()}
     layers: dict[tuple[str, str], LayerTensors] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
@@ -246,7 +272,8 @@ def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
             target = table.get(stem)
         else:
             comp, _, mod = stem.partition(".")
-            target = (comp, keys.model_path(comp, comps[comp], mod)) if comp in comps and mod else None
+            mod = keys.model_path(comp, comps[comp], mod) if comp in comps else ""
+            target = (comp, mod) if mod and mod in module_names[comp] else None
         if target is None:
             unexpected.append(key)
             continue
@@ -306,11 +333,7 @@ def _validate(layers, comps, unexpected, ours) -> list[str]:
     axis_hint = ours.get("axis")
     for (comp, mod), lt in sorted(layers.items()):
         where = f"{comp}.{mod}"
-        try:
-            layer = comps[comp].get_submodule(mod)
-        except AttributeError:
-            problems.append(f"{where}: no such module in the loaded model's {comp}")
-            continue
+        layer = comps[comp].get_submodule(mod)
         if not isinstance(layer, nn.Linear):
             problems.append(f"{where}: is a {type(layer).__name__}, only nn.Linear layers take these adapters")
             continue
@@ -326,8 +349,10 @@ def _validate(layers, comps, unexpected, ours) -> list[str]:
             elif not torch.isfinite(t).all():
                 problems.append(f"{where}: {label} contains NaN or Inf values; the adapter is broken (retrain it)")
         if lt.A.ndim != 2 or lt.B.ndim != 2 or lt.A.shape[1] != in_f or lt.B.shape[0] != out_f:
-            problems.append(f"{where}: shapes A {tuple(lt.A.shape)}, B {tuple(lt.B.shape)} do not fit the layer "
-                            f"({out_f} out, {in_f} in): expected A (r, {in_f}), B ({out_f}, r)")
+            problems.append(
+                f"{where}: shapes A {tuple(lt.A.shape)}, B {tuple(lt.B.shape)} do not fit the layer "
+                f"({out_f} out, {in_f} in): expected A (r, {in_f}), B ({out_f}, r)"
+            )
             continue
         if lt.A.shape[0] != lt.B.shape[1]:
             problems.append(f"{where}: rank mismatch: A has {lt.A.shape[0]} rows, B {lt.B.shape[1]} columns")
@@ -343,12 +368,14 @@ def _validate(layers, comps, unexpected, ours) -> list[str]:
             elif m.ndim == 1 and m.shape[0] == (in_f if axis_hint == "in" else out_f):
                 lt.axis = axis_hint or "out"
             else:
-                problems.append(f"{where}: magnitude shape {tuple(m.shape)} fits neither axis of the layer "
-                                f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))")
+                problems.append(
+                    f"{where}: magnitude shape {tuple(m.shape)} fits neither axis of the layer "
+                    f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))"
+                )
     kinds = {lt.m is not None for lt in layers.values() if lt.A is not None}
     if len(kinds) > 1:
         missing = sorted(f"{c}.{m}" for (c, m), lt in layers.items() if lt.m is None)
-        problems.append(f"DoRA magnitude missing for {len(missing)} layer(s), e.g. {missing[0]}: the file is incomplete")
+        problems.append(f"DoRA magnitude missing for {len(missing)} layer(s), e.g. {missing[0]}: file incomplete")
     return problems
 
 

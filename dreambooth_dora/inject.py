@@ -240,7 +240,7 @@ def remove_adapter(model, name: str) -> None:
     """Delete adapter ``name``; layers left with no adapter become plain nn.Linear again."""
     _require(model, name)
     with _editing(model):
-        for prefix, module in components(model).items():
+        for module in components(model).values():
             for path, m in list(module.named_modules()):
                 if isinstance(m, AdaptedLinear) and name in m.adapters:
                     del m.adapters[name]

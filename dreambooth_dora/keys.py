@@ -65,7 +65,7 @@ def public_path(component: str, module: nn.Module, path: str) -> str:
 def model_path(component: str, module: nn.Module, path: str) -> str:
     """Inverse of public_path, also accepting the model's own spelling."""
     if component != "unet" and not hasattr(module, "text_model") and path.startswith("text_model."):
-        return path[len("text_model."):]
+        return path[len("text_model.") :]
     return path
 
 

@@ -105,8 +105,11 @@ def _compare_with_peft(ours, theirs, run):
     out_b.backward(g)
     for path, (_, a) in adapter_layers(ours, "default").items():
         p = theirs.get_submodule(path)
-        for mine, ref in ((a.lora_A, p.lora_A["default"].weight), (a.lora_B, p.lora_B["default"].weight),
-                          (a.magnitude, p.lora_magnitude_vector["default"].weight)):
+        for mine, ref in (
+            (a.lora_A, p.lora_A["default"].weight),
+            (a.lora_B, p.lora_B["default"].weight),
+            (a.magnitude, p.lora_magnitude_vector["default"].weight),
+        ):
             assert (mine.grad - ref.grad).abs().max().item() <= 1e-5, path
 
 
@@ -122,8 +125,9 @@ def test_matches_peft_on_unet_layers(tiny_sd15):
 def test_matches_peft_on_text_encoder_layers(tiny_sd15):
     te = tiny_sd15.text_encoder
     ours, theirs = _peft_pair(lambda: copy.deepcopy(te), ["q_proj", "k_proj", "v_proj", "out_proj"])
-    ids = tiny_sd15.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
-                              return_tensors="pt").input_ids
+    ids = tiny_sd15.tokenizer(
+        ["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     _compare_with_peft(ours, theirs, lambda m: m(ids)[0])
 
 
