@@ -13,7 +13,7 @@ through the B(Ax) branch. That is also what peft does, so our forward and gradie
 Speed: the norm depends on A, B and W0 only, so it is computed once per optimizer step (in the factored
 form below, without building an (out, in) matrix) and cached until one of those tensors changes. Every
 forward in the same step — gradient accumulation, gradient checkpointing's recomputation — reuses it.
-The forward is then the LoRA forward plus one fused elementwise op:
+The forward is then the LoRA forward plus one elementwise op:
 
     axis="out":  y = b + c ⊙ (W0 x + s·B(Ax))        c = m/‖V‖ ∈ R^out
     axis="in":   y = W0 (c⊙x) + s·B(A(c⊙x)) + b     c = m/‖V‖ ∈ R^in
@@ -54,6 +54,31 @@ def _tensor_key(*tensors: torch.Tensor) -> tuple:
     """Identifies the current contents of tensors: optimizer steps (counted globally), in-place edits (which
     bump ``_version``: copy_, load_state_dict), and moves or ``.data`` swaps (storage pointer, dtype, device)."""
     return (_optimizer_steps, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+
+
+class _ScaleRows(torch.autograd.Function):
+    """y = h ⊙ c for h: (N, out), c: (out,) fp32, saving y instead of h for backward.
+
+    The magnitude's gradient needs h = y / c. Saving the output rather than h lets autograd share storage with
+    whatever consumes y (attention keeps q, k and v anyway), so for the bias-free UNet projections DoRA saves no
+    activation beyond LoRA's. A row with c exactly 0 (a zero magnitude) gets no magnitude gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        y = h * c.to(h.dtype)
+        ctx.save_for_backward(y, c)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        y, c = ctx.saved_tensors
+        grad_h = g * c.to(g.dtype) if ctx.needs_input_grad[0] else None
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            gy = (g * y).reshape(-1, y.shape[-1]).sum(0, dtype=torch.float32)
+            grad_c = torch.where(c != 0, gy / torch.where(c != 0, c, 1.0), 0.0)
+        return grad_h, grad_c
 
 
 class Adapter(nn.Module):
@@ -102,7 +127,7 @@ class Adapter(nn.Module):
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """‖V‖ in fp32, detached: (out,) for axis="out", (in,) for axis="in".
 
-        Factored so that no (out, in) matrix is built beyond an fp32 view of W0:
+        Factored so that no (out, in) matrix is ever built:
             rows:    ‖V_i‖² = ‖W0_i‖² + 2s·B_i·(W0 Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
             columns: ‖V_j‖² = ‖W0_j‖² + 2s·A_j·(Bᵀ W0)_j + s²·A_j (Bᵀ B) A_jᵀ
         """
@@ -110,13 +135,15 @@ class Adapter(nn.Module):
         key = _tensor_key(weight, A, B)
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        w, s = weight.detach().float(), self.scaling
+        w, s = weight.detach(), self.scaling
         sq = self._w0_squared(weight)
+        # The products with W0 run in W0's own dtype (fp32 accumulation inside the GEMM): an fp32 copy of a
+        # half-precision W0 every step would cost more than the norm itself.
         if self.axis == "out":
-            cross = (B * (w @ A.t())).sum(dim=1)  # (out,)
+            cross = (B * (w @ A.t().to(w.dtype)).float()).sum(dim=1)  # (out,)
             quad = ((B @ (A @ A.t())) * B).sum(dim=1)
         else:
-            cross = (A * (B.t() @ w)).sum(dim=0)  # (in,)
+            cross = (A * (B.t().to(w.dtype) @ w).float()).sum(dim=0)  # (in,)
             quad = (((B.t() @ B) @ A) * A).sum(dim=0)
         norm = (sq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
         self._norm = (key, norm)
@@ -205,9 +232,8 @@ class AdaptedLinear(nn.Linear):
         if a.axis == "in":
             xs = x2 * c.to(x2.dtype)
             return a.lora_branch(xs, F.linear(xs, weight, self.bias))
-        h = a.lora_branch(x2, x2 @ weight.t())  # W0x + s·B(Ax)
-        c = c.to(h.dtype)
-        return torch.addcmul(self.bias.to(h.dtype), h, c) if self.bias is not None else h * c
+        y = _ScaleRows.apply(a.lora_branch(x2, x2 @ weight.t()), c)  # c ⊙ (W0x + s·B(Ax))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     # -- merge / unmerge ---------------------------------------------------------------------------------------
 
