@@ -208,14 +208,14 @@ def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise AdapterFileError(f"{path.name}: the file is empty (0 bytes); the download or copy did not finish")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise AdapterFileError(
-            f"{path.name}: this is a PyTorch pickle/zip checkpoint renamed to .safetensors. Pickle files can run "
-            "arbitrary code, so they are never loaded here; convert it to safetensors with a tool you trust"
-        )
-    if size < 8:
+    if size < 10:
         raise AdapterFileError(f"{path.name}: not a safetensors file ({size} bytes is too short for a header)")
     if head[8:9] != b"{":  # a safetensors header is JSON right after its 8-byte length
+        if (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05") or head[:2] == b"PK":
+            raise AdapterFileError(
+                f"{path.name}: this is a PyTorch pickle/zip checkpoint renamed to .safetensors. Pickle files can "
+                "run arbitrary code, so they are never loaded here; convert it to safetensors with a tool you trust"
+            )
         raise AdapterFileError(
             f"{path.name}: not a safetensors file (it starts with {head[:12]!r}); an HTML error page or another "
             "format saved under this name? Download the .safetensors file again"

@@ -1,0 +1,172 @@
+"""The training config: one typed, validated model (YAML in, YAML out), with ``--set key=value`` overrides.
+
+Field names follow diffusers' DreamBooth scripts so users' habits carry over (DESIGN §6). Validation happens
+here, at the edge: every problem is reported at once, unknown keys get a "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing config problem; the message lists every problem with its field, value and fix."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # -- model and data ---------------------------------------------------------------------------------------
+    base_model: str = "builtin:toy"
+    base_config: str | None = None  # a diffusers folder describing a single-file checkpoint (offline)
+    instance_data_dir: Path
+    instance_prompt: str = Field(min_length=1)
+    class_data_dir: Path | None = None  # default: <output_dir>/class_images
+    class_prompt: str | None = None
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=1)
+    output_dir: Path = Path("outputs/run")
+    resolution: int = Field(512, ge=8, le=4096)
+    center_crop: bool = True
+    random_flip: bool = False
+    repeats: int = Field(1, ge=1)
+    bucketing: bool = False
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_train_steps: int = Field(400, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    text_encoder_lr: float | None = Field(None, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    snr_gamma: float | None = Field(None, gt=0)  # min-SNR weighting (5.0 is the usual choice)
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # default: the base model's scheduler
+
+    # -- the adapter ------------------------------------------------------------------------------------------
+    kind: Literal["dora", "lora"] = "dora"
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)  # default: alpha = rank
+    axis: Literal["out", "in"] = "out"
+    targets: list[str] | None = None  # module-path suffixes/globs; default: attention projections
+    dropout: float = Field(0.0, ge=0, lt=1)
+    train_text_encoder: bool = False
+
+    # -- speed and memory -------------------------------------------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True  # used when images do not change between epochs (no random crop/flip)
+    cpu: bool = False  # force the CPU even when a GPU is present
+
+    # -- reproducibility, validation, checkpoints -------------------------------------------------------------
+    seed: int = 0
+    validation_prompt: str | None = None
+    validation_steps: int = Field(100, ge=1)
+    num_validation_images: int = Field(2, ge=1, le=16)
+    validation_inference_steps: int = Field(25, ge=1, le=200)
+    validation_guidance_scale: float = Field(7.5, ge=0)
+    checkpointing_steps: int = Field(100, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    save_intermediate_every: int | None = Field(None, ge=1)  # adapters at step 0, N, 2N… for the ΔM/ΔD analysis
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {max(8, round(v / 8) * 8)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        problems = []
+        if self.with_prior_preservation and not self.class_prompt:
+            problems.append(
+                "class_prompt: prior preservation needs a class prompt without the identifier, e.g. 'a photo "
+                "of a dog' (or set with_prior_preservation: false)"
+            )
+        if self.lr_warmup_steps > self.max_train_steps:
+            problems.append(f"lr_warmup_steps: {self.lr_warmup_steps} exceeds max_train_steps {self.max_train_steps}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def resolved_class_dir(self) -> Path:
+        return self.class_data_dir or self.output_dir / "class_images"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+FIELDS = tuple(TrainConfig.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][0])
+        hint = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+        return f"{key}: unknown key" + (f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(FIELDS)}")
+    if err["type"] == "missing":
+        return f"{where}: required, not set"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg} (got {err.get('input')!r})" if where != "config" else msg
+
+
+def validate(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig, raising ConfigError that lists every problem at once."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a training config is a mapping of key: value, got {type(data).__name__}")
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        lines = "\n  ".join(_describe(err) for err in e.errors())
+        raise ConfigError(f"invalid training config:\n  {lines}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["rank=8", "learning_rate=5e-5"]`` → {"rank": 8, "learning_rate": "5e-5"} (YAML scalars; the model
+    converts types and reports what does not fit)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r} (e.g. --set max_train_steps=200)")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **extra) -> TrainConfig:
+    """Read a YAML config (relative data paths resolve against the current directory), apply ``--set``
+    overrides and keyword overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {str(path)!r} (see training_configs/ for presets)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a training config is a mapping of key: value")
+    data.update(parse_overrides(overrides or []))
+    data.update(extra)
+    return validate(data)
