@@ -126,8 +126,9 @@ def peak_mib(fn, device: torch.device) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for e in events:
         live += e.nbytes()  # > 0 allocation, < 0 free
@@ -151,7 +152,7 @@ def bench(steps: dict, device: torch.device, warmup: int, rounds: int, target_ms
         inner = max(1, min(1000, math.ceil(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
     times = {n: [] for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):
@@ -162,7 +163,7 @@ def bench(steps: dict, device: torch.device, warmup: int, rounds: int, target_ms
 
 
 def ratio(times: dict, a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -197,9 +198,7 @@ def layer_grid(args) -> list[tuple[int, int, int]]:
     if args.full:
         return [(w, t, r) for w in (768, 320, 640, 1280) for t in (77, 256, 1024, 4096) for r in (4, 16, 32, 64, 128)]
     shapes = [(768, 77), (320, 4096), (320, 1024), (640, 1024), (640, 256), (1280, 256), (1280, 64)]
-    return [(w, t, 32) for w, t in shapes] + [
-        (w, t, r) for w, t in ((768, 77), (640, 1024)) for r in (4, 16, 64, 128)
-    ]
+    return [(w, t, 32) for w, t in shapes] + [(w, t, r) for w, t in ((768, 77), (640, 1024)) for r in (4, 16, 64, 128)]
 
 
 def run_layers(args, device, dtype) -> None:
@@ -213,7 +212,7 @@ def run_layers(args, device, dtype) -> None:
         for name, impl, kind in VARIANTS:
             model, params = adapt(base, impl, kind, rank, ["proj"])
 
-            def step(model=model, params=params):
+            def step(model=model, params=params, x=x, dy=dy):
                 with autocast(device, dtype):
                     y = model(x)
                 y.backward(dy.to(y.dtype))
@@ -229,8 +228,22 @@ def run_layers(args, device, dtype) -> None:
         rows.append([f"{args.batch}×{tokens}×{width}", rank, ms, *ratios, f"{mem[REF]:.1f}", mem_r])
         print(f"  layer {width} × {tokens} tokens, rank {rank}: done", file=sys.stderr, flush=True)
     print("\n## 1. One adapted linear layer (in = out = width): forward + backward + in-place update\n")
-    print(table(["x: batch×tokens×width", "rank", "ms oD / oL / pD / pL", "oD/oL", "pD/pL", "oD/pD", "pL/oL",
-                 "ΔMiB oL", "mem ×oL: oD / pD / pL"], rows))
+    print(
+        table(
+            [
+                "x: batch×tokens×width",
+                "rank",
+                "ms oD / oL / pD / pL",
+                "oD/oL",
+                "pD/pL",
+                "oD/pD",
+                "pL/oL",
+                "ΔMiB oL",
+                "mem ×oL: oD / pD / pL",
+            ],
+            rows,
+        )
+    )
 
 
 # -- 2. whole DreamBooth-shaped step -------------------------------------------------------------------------------
@@ -299,15 +312,31 @@ def run_whole_step(args, device, dtype) -> None:
         mem = {n: peak_mib(f, device) for n, f in steps.items()}
         for n, _, _ in VARIANTS:
             ms, rel, mem_rel = statistics.median(times[n]), ratio(times, n, REF), mem[n] / max(mem[REF], 1e-9)
-            rows.append([n, "on" if ckpt else "off", f"{ms:.4g}", f"{rel:.3f}", f"{mem[n]:.0f}", f"{mem_rel:.3f}",
-                         f"{losses[n]:.6f}", f"{variants[n][3]:,}"])
-        summary.append(f"checkpointing {'on' if ckpt else 'off'}: time {ratio(times, 'oD', 'pD'):.3f}, "
-                       f"memory {mem['oD'] / max(mem['pD'], 1e-9):.3f}")
+            rows.append(
+                [
+                    n,
+                    "on" if ckpt else "off",
+                    f"{ms:.4g}",
+                    f"{rel:.3f}",
+                    f"{mem[n]:.0f}",
+                    f"{mem_rel:.3f}",
+                    f"{losses[n]:.6f}",
+                    f"{variants[n][3]:,}",
+                ]
+            )
+        summary.append(
+            f"checkpointing {'on' if ckpt else 'off'}: time {ratio(times, 'oD', 'pD'):.3f}, "
+            f"memory {mem['oD'] / max(mem['pD'], 1e-9):.3f}"
+        )
         print(f"  whole step, checkpointing {ckpt}: done", file=sys.stderr, flush=True)
-    print(f"\n## 2. Whole step: {'tiny (--quick)' if args.quick else 'SD1.5-width'} UNet at {latent}×{latent} "
-          f"latents + {'tiny' if args.quick else 'CLIP-L-shaped'} text encoder, rank {args.rank}, batch {args.batch}\n")
-    print(f"{args.warmup} warmup + {args.steps} measured rounds; step = TE fwd -> UNet fwd -> MSE -> backward "
-          "-> AdamW.step -> zero_grad\n")
+    print(
+        f"\n## 2. Whole step: {'tiny (--quick)' if args.quick else 'SD1.5-width'} UNet at {latent}×{latent} "
+        f"latents + {'tiny' if args.quick else 'CLIP-L-shaped'} text encoder, rank {args.rank}, batch {args.batch}\n"
+    )
+    print(
+        f"{args.warmup} warmup + {args.steps} measured rounds; step = TE fwd -> UNet fwd -> MSE -> backward "
+        "-> AdamW.step -> zero_grad\n"
+    )
     print(table(["variant", "UNet ckpt", "step ms", "time ×oL", "ΔMiB peak", "mem ×oL", "loss0", "trainable"], rows))
     print("\nours DoRA / peft DoRA: " + "; ".join(summary))
 
@@ -350,11 +379,15 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
     print(f"# DoRA benchmark\n\n`python {shlex.join(sys.argv)}`\n")
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-          f"peft {peft.__version__}; device {args.device} ({dev}), dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}\n")
-    print("oD = ours DoRA, oL = ours LoRA, pD = peft DoRA, pL = peft LoRA. Ratios are medians of per-round "
-          "ratios; absolute ms are for reference only.")
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}; device {args.device} ({dev}), dtype {args.dtype}, "
+        f"threads {torch.get_num_threads()}\n"
+    )
+    print(
+        "oD = ours DoRA, oL = ours LoRA, pD = peft DoRA, pL = peft LoRA. Ratios are medians of per-round "
+        "ratios; absolute ms are for reference only."
+    )
     if not args.skip_layers:
         run_layers(args, device, dtype)
     if not args.skip_step:

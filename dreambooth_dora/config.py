@@ -123,7 +123,9 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][0])
         hint = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-        return f"{key}: unknown key" + (f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(FIELDS)}")
+        return f"{key}: unknown key" + (
+            f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(FIELDS)}"
+        )
     if err["type"] == "missing":
         return f"{where}: required, not set"
     msg = err["msg"].removeprefix("Value error, ")

@@ -38,7 +38,10 @@ class Conditioning:
 
 def _tokens(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
     return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
 
@@ -61,7 +64,7 @@ def with_time_ids(cond: Conditioning, original_sizes, crop_top_lefts, target_siz
     """SDXL's size/crop conditioning per image: (original h, w, crop top, left, target h, w)."""
     if cond.pooled is None:
         return cond
-    rows = [[*orig, *crop, *target_size] for orig, crop in zip(original_sizes, crop_top_lefts)]
+    rows = [[*orig, *crop, *target_size] for orig, crop in zip(original_sizes, crop_top_lefts, strict=True)]
     ids = torch.tensor(rows, device=cond.hidden.device, dtype=cond.hidden.dtype)
     return Conditioning(cond.hidden, cond.pooled, ids)
 

@@ -123,17 +123,19 @@ def _prepare_output(cfg: TrainConfig) -> None:
 
 def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                                 eps=cfg.adam_epsilon)
+        return torch.optim.AdamW(
+            groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             bnb = None
         if bnb is None or not torch.cuda.is_available():
+            found = "bitsandbytes " + ("found" if bnb else "not installed")
+            cuda = "CUDA " + ("available" if torch.cuda.is_available() else "not available")
             raise ConfigError(
-                "optimizer: 'adamw8bit' needs the bitsandbytes package and a CUDA GPU "
-                f"(bitsandbytes {'found' if bnb else 'not installed'}, CUDA {'available' if torch.cuda.is_available() else 'not available'}); "
+                f"optimizer: 'adamw8bit' needs the bitsandbytes package and a CUDA GPU ({found}, {cuda}); "
                 "use optimizer: adamw"
             )
         return bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
@@ -154,9 +156,14 @@ def _validate_images(pipe, cfg: TrainConfig, dataset, accelerator, step: int, un
         pipe.set_progress_bar_config(disable=True)
         for i in range(cfg.num_validation_images):
             g = torch.Generator().manual_seed(cfg.seed + i)
-            image = pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_inference_steps,
-                         guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution, width=cfg.resolution,
-                         generator=g).images[0]
+            image = pipe(
+                cfg.validation_prompt,
+                num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=g,
+            ).images[0]
             path = out / f"step-{step:06d}_{i}.png"
             image.save(path)
             paths.append(path)
@@ -170,16 +177,24 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    cfg = config if isinstance(config, TrainConfig) else (
-        load_config(config) if isinstance(config, (str, Path)) else load_config(**config)
+    cfg = (
+        config
+        if isinstance(config, TrainConfig)
+        else (load_config(config) if isinstance(config, (str, Path)) else load_config(**config))
     )
     cb = callbacks or Callbacks()
 
     # -- stage 1: validate inputs before writing anything --------------------------------------------------------
     torch.manual_seed(cfg.seed)
     dataset = DreamBoothDataset(
-        cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution, center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip, repeats=cfg.repeats, bucketing=cfg.bucketing, seed=cfg.seed,
+        cfg.instance_data_dir,
+        cfg.instance_prompt,
+        cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        repeats=cfg.repeats,
+        bucketing=cfg.bucketing,
+        seed=cfg.seed,
     )
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     main = accelerator.is_main_process
@@ -188,18 +203,22 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; latents are cached or cheap anyway
     arch = describe_architecture(pipe)
-    resume = ckpt.resolve(cfg.resume_from_checkpoint, cfg.output_dir / "checkpoints") if (
-        cfg.resume_from_checkpoint) else None
+    resume = (
+        ckpt.resolve(cfg.resume_from_checkpoint, cfg.output_dir / "checkpoints")
+        if (cfg.resume_from_checkpoint)
+        else None
+    )
     if main:
         _prepare_output(cfg)
         (cfg.output_dir / "train_config.yaml").write_text(cfg.to_yaml())
         handler = logging.FileHandler(cfg.output_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_log = logging.getLogger("dreambooth_dora")
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
         log.info("dataset: %d images used, %d skipped", len(dataset.report.images), len(dataset.report.skipped))
-        for path, why in dataset.report.skipped:
-            log.warning("skipped %s: %s", path, why)
+        if dataset.report.skipped:
+            log.warning("skipped files:\n%s", dataset.report.describe_skipped())
     device = accelerator.device
     pipe.to(device)
 
@@ -208,13 +227,27 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         from .prior import ensure_class_images
 
         if main:
-            ensure_class_images(pipe, cfg.class_prompt, cfg.resolved_class_dir, cfg.num_class_images,
-                                seed=cfg.seed, resolution=cfg.resolution)
+            ensure_class_images(
+                pipe,
+                cfg.class_prompt,
+                cfg.resolved_class_dir,
+                cfg.num_class_images,
+                seed=cfg.seed,
+                resolution=cfg.resolution,
+            )
         accelerator.wait_for_everyone()
         dataset = DreamBoothDataset(
-            cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution, class_dir=cfg.resolved_class_dir,
-            class_prompt=cfg.class_prompt, num_class_images=cfg.num_class_images, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-            repeats=cfg.repeats, bucketing=cfg.bucketing, seed=cfg.seed,
+            cfg.instance_data_dir,
+            cfg.instance_prompt,
+            cfg.resolution,
+            class_dir=cfg.resolved_class_dir,
+            class_prompt=cfg.class_prompt,
+            num_class_images=cfg.num_class_images,
+            center_crop=cfg.center_crop,
+            random_flip=cfg.random_flip,
+            repeats=cfg.repeats,
+            bucketing=cfg.bucketing,
+            seed=cfg.seed,
         )
 
     # -- stage 3: adapters ---------------------------------------------------------------------------------------
@@ -222,8 +255,17 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     comps = ["unet", *encoders] if cfg.train_text_encoder else ["unet"]
     for n in ("vae", *encoders):
         getattr(pipe, n).requires_grad_(False)  # add_adapter then unfreezes exactly the adapters it adds
-    add_adapter(pipe, ADAPTER, kind=cfg.kind, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
-                dropout=cfg.dropout, axis=cfg.axis, components_to_adapt=comps)
+    add_adapter(
+        pipe,
+        ADAPTER,
+        kind=cfg.kind,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        targets=cfg.targets,
+        dropout=cfg.dropout,
+        axis=cfg.axis,
+        components_to_adapt=comps,
+    )
     named = {f"{k}.{pn}": p for k, (_, a) in adapter_layers(pipe, ADAPTER).items() for pn, p in a.named_parameters()}
     unet_params = [p for k, p in named.items() if k.startswith("unet.")]
     te_params = [p for k, p in named.items() if not k.startswith("unet.")]
@@ -234,11 +276,11 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
                 getattr(pipe, n).gradient_checkpointing_enable()
 
     # -- stage 4: caches (latents when images never change; text when the encoders are frozen) ------------------
-    latent_cache: dict[tuple[str, int], torch.Tensor] = {}
+    latent_cache: dict[tuple, torch.Tensor] = {}
     use_latent_cache = cfg.cache_latents and not dataset.augmented
     text_cache: dict[str, Conditioning] = {}
 
-    def latents_for(pixels: torch.Tensor, idx: list[tuple[str, int]]) -> torch.Tensor:
+    def latents_for(pixels: torch.Tensor, idx: list[tuple]) -> torch.Tensor:
         """Latents of a batch; ``idx`` names each image (kind, image number) for the cache."""
         if not use_latent_cache:
             return encode_images(pipe.vae, pixels).to(dtype)
@@ -260,8 +302,12 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     if te_params:
         groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
     optimizer = _make_optimizer(cfg, groups)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_train_steps,
+    )
     unet = accelerator.prepare(pipe.unet)
     trained_encoders = [accelerator.prepare(getattr(pipe, n)) for n in encoders] if cfg.train_text_encoder else []
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
@@ -278,10 +324,19 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     def save_ckpt(step: int) -> Path | None:
         if not main:
             return None
-        extra = {"grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                 "config": cfg.model_dump(mode="json")}
-        path = ckpt.save_checkpoint(cfg.output_dir / "checkpoints", step, named, optimizer, lr_scheduler, extra,
-                                    keep=cfg.checkpoints_total_limit)
+        extra = {
+            "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "config": cfg.model_dump(mode="json"),
+        }
+        path = ckpt.save_checkpoint(
+            cfg.output_dir / "checkpoints",
+            step,
+            named,
+            optimizer,
+            lr_scheduler,
+            extra,
+            keep=cfg.checkpoints_total_limit,
+        )
         log.info("checkpoint %s", path)
         if cb.on_checkpoint:
             cb.on_checkpoint(step, path)
@@ -290,8 +345,13 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     def save_intermediate(step: int) -> None:
         if main and cfg.save_intermediate_every and step % cfg.save_intermediate_every == 0:
             fmt = "native" if cfg.axis == "out" else "kohya"
-            save_adapter(pipe, cfg.output_dir / "intermediate" / f"step-{step:06d}.safetensors", ADAPTER, fmt,
-                         {"base_model": cfg.base_model, "step": step})
+            save_adapter(
+                pipe,
+                cfg.output_dir / "intermediate" / f"step-{step:06d}.safetensors",
+                ADAPTER,
+                fmt,
+                {"base_model": cfg.base_model, "step": step},
+            )
 
     # -- stage 6: the loop ---------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -314,7 +374,9 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         prompts, sizes, crops = list(batch["prompt"]), list(batch["original_size"]), list(batch["crop_top_left"])
         num_prior = 0
         if "class_pixel_values" in batch:
-            lat = torch.cat([lat, latents_for(batch["class_pixel_values"], [("class", i % n_class) for i in indices])])
+            # with bucketing a class image takes the bucket of its instance image: the bucket is part of the key
+            keys = [("class", i % n_class, batch["bucket"]) for i in indices]
+            lat = torch.cat([lat, latents_for(batch["class_pixel_values"], keys)])
             prompts += batch["class_prompt"]
             sizes += batch["class_original_size"]
             crops += batch["class_crop_top_left"]
@@ -343,9 +405,17 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
                 sync = contextlib.nullcontext() if last else accelerator.no_sync(unet)
                 with sync, accelerator.autocast():
                     cond = with_time_ids(conditioning(prompts), **sizes)
-                    loss = diffusion_loss(unet, noise_scheduler, lat, cond, generator=g,
-                                          noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
-                                          num_prior=num_prior, prior_loss_weight=cfg.prior_loss_weight)
+                    loss = diffusion_loss(
+                        unet,
+                        noise_scheduler,
+                        lat,
+                        cond,
+                        generator=g,
+                        noise_offset=cfg.noise_offset,
+                        snr_gamma=cfg.snr_gamma,
+                        num_prior=num_prior,
+                        prior_loss_weight=cfg.prior_loss_weight,
+                    )
                     accelerator.backward(loss / cfg.gradient_accumulation_steps)
                 loss_sum += loss.detach().float().item() / cfg.gradient_accumulation_steps
             if not math.isfinite(loss_sum):
@@ -370,8 +440,16 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
                 csv.write(f"{step},{loss_sum:.6f},{lr:.6g},{rate:.4f},{elapsed:.2f}\n")
                 csv.flush()
             if cb.on_step and main:
-                cb.on_step(StepInfo(step, cfg.max_train_steps, loss_sum, lr, rate,
-                                    (cfg.max_train_steps - step) / rate if rate else float("inf")))
+                cb.on_step(
+                    StepInfo(
+                        step,
+                        cfg.max_train_steps,
+                        loss_sum,
+                        lr,
+                        rate,
+                        (cfg.max_train_steps - step) / rate if rate else float("inf"),
+                    )
+                )
             if main and cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
                 paths = _validate_images(pipe, cfg, dataset, accelerator, step, unet)
                 if cb.on_samples:
@@ -391,9 +469,17 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     # -- stage 7: the adapter files ------------------------------------------------------------------------------
     files: list[Path] = []
     if main and status == "finished":
-        meta = {"base_model": cfg.base_model, "arch_name": arch.arch, "instance_prompt": cfg.instance_prompt,
-                "class_prompt": cfg.class_prompt, "steps": step, "resolution": cfg.resolution,
-                "learning_rate": cfg.learning_rate, "seed": cfg.seed, "train_text_encoder": cfg.train_text_encoder}
+        meta = {
+            "base_model": cfg.base_model,
+            "arch_name": arch.arch,
+            "instance_prompt": cfg.instance_prompt,
+            "class_prompt": cfg.class_prompt,
+            "steps": step,
+            "resolution": cfg.resolution,
+            "learning_rate": cfg.learning_rate,
+            "seed": cfg.seed,
+            "train_text_encoder": cfg.train_text_encoder,
+        }
         if cfg.axis == "out":
             files.append(save_adapter(pipe, cfg.output_dir / "adapter.safetensors", ADAPTER, "native", meta))
         files.append(save_adapter(pipe, cfg.output_dir / "adapter_kohya.safetensors", ADAPTER, "kohya", meta))

@@ -4,6 +4,9 @@ import os
 
 # Set before anything imports huggingface_hub, which reads it once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# On a shared 2-core machine OpenMP threads that spin while waiting turned 0.3 s tests into 70 s ones at
+# random; passive waiting keeps both threads without the stalls. Read when torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

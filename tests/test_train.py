@@ -51,8 +51,15 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
         on_checkpoint=lambda step, path: seen["ckpts"].append(step),
     )
     result = train(
-        _cfg(tmp_path, base_model=base, train_text_encoder=True, validation_prompt="a photo of sks heart",
-             validation_steps=4, validation_inference_steps=2, num_validation_images=1),
+        _cfg(
+            tmp_path,
+            base_model=base,
+            train_text_encoder=True,
+            validation_prompt="a photo of sks heart",
+            validation_steps=4,
+            validation_inference_steps=2,
+            num_validation_images=1,
+        ),
         cb,
     )
     out = tmp_path / "run"
@@ -98,9 +105,19 @@ def test_overfitting_one_image_lowers_the_loss_and_moves_every_tensor(tmp_path):
             return diffusion_loss(p.unet, sched, lat, cond, generator=torch.Generator().manual_seed(123)).item()
 
     before = eval_loss(pipe)
-    result = train(_cfg(tmp_path, instance_data_dir=str(one), train_batch_size=1, max_train_steps=60,
-                        learning_rate=5e-3, rank=8, train_text_encoder=True, checkpointing_steps=60,
-                        save_intermediate_every=60))
+    result = train(
+        _cfg(
+            tmp_path,
+            instance_data_dir=str(one),
+            train_batch_size=1,
+            max_train_steps=60,
+            learning_rate=5e-3,
+            rank=8,
+            train_text_encoder=True,
+            checkpointing_steps=60,
+            save_intermediate_every=60,
+        )
+    )
     trained = load_pipeline("builtin:tiny-sd15")
     from dreambooth_dora.adapter_io import load_adapter
 
@@ -119,8 +136,17 @@ def test_overfitting_one_image_lowers_the_loss_and_moves_every_tensor(tmp_path):
 
 
 def _run_cli(tmp_path, *extra, wait=True):
-    cmd = [sys.executable, "-m", "dreambooth_dora.train", "--config", str(ROOT / "training_configs/tiny_smoke.yaml"),
-           "--set", f"output_dir={tmp_path / 'run'}", "validation_prompt=null", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dreambooth_dora.train",
+        "--config",
+        str(ROOT / "training_configs/tiny_smoke.yaml"),
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+        "validation_prompt=null",
+        *extra,
+    ]
     if wait:
         return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -128,8 +154,9 @@ def _run_cli(tmp_path, *extra, wait=True):
 
 def test_resume_after_kill_is_exact(tmp_path):
     """10 steps straight == 5 steps, process killed (SIGKILL), resumed to 10: identical adapter tensors."""
-    common = dict(max_train_steps=10, checkpointing_steps=5, train_text_encoder=True, dropout=0.1,
-                  train_batch_size=3)  # 3 does not divide 4 images: epochs straddle steps
+    common = dict(
+        max_train_steps=10, checkpointing_steps=5, train_text_encoder=True, dropout=0.1, train_batch_size=3
+    )  # 3 does not divide 4 images: epochs straddle steps
     straight = train(_cfg(tmp_path / "a", **common))
     script = (
         "import os, signal, sys\n"
@@ -140,8 +167,9 @@ def test_resume_after_kill_is_exact(tmp_path):
         "train(cfg, Callbacks(on_checkpoint=kill))\n"
     )
     cfg_b = _cfg(tmp_path / "b", **common)
-    proc = subprocess.run([sys.executable, "-c", script, repr(cfg_b)], cwd=ROOT, env=_env(), capture_output=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, repr(cfg_b)], cwd=ROOT, env=_env(), capture_output=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     out_b = Path(cfg_b["output_dir"])
     assert not (out_b / "adapter.safetensors").exists()
@@ -172,8 +200,7 @@ def test_sigint_saves_a_checkpoint_to_resume_from(tmp_path):
 
 
 def test_should_stop_callback_stops_with_checkpoint(tmp_path):
-    result = train(_cfg(tmp_path, max_train_steps=50, checkpointing_steps=50),
-                   Callbacks(should_stop=lambda: True))
+    result = train(_cfg(tmp_path, max_train_steps=50, checkpointing_steps=50), Callbacks(should_stop=lambda: True))
     assert result.status == "stopped" and result.steps == 1
     assert result.last_checkpoint.name == "step-000001"
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
@@ -187,12 +214,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_two_processes_write_one_adapter(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "dreambooth_dora.train",
-           "--config", str(ROOT / "training_configs/tiny_smoke.yaml"), "--set", f"output_dir={tmp_path / 'run'}",
-           "max_train_steps=4", "validation_prompt=null"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+        "-m",
+        "dreambooth_dora.train",
+        "--config",
+        str(ROOT / "training_configs/tiny_smoke.yaml"),
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+        "max_train_steps=4",
+        "validation_prompt=null",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter.safetensors", "adapter_kohya.safetensors"]
@@ -207,7 +253,7 @@ def test_mixed_folder_trains_on_good_images_and_lists_the_rest(tmp_path):
     base.convert("P").save(data / "palette.png")
     base.convert("L").save(data / "grey.png")
     base.convert("CMYK").save(data / "cmyk.jpg")
-    Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257)).save(data / "sixteen.png")
+    Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257).save(data / "sixteen.png")
     (data / "notes.png").write_text("not an image")
     (data / "broken.jpg").write_bytes((SUBJECT / "heart_0.png").read_bytes()[:200])
     result = train(_cfg(tmp_path, instance_data_dir=str(data), max_train_steps=2))
@@ -236,8 +282,10 @@ def test_bad_input_is_explained_and_writes_nothing(case, tmp_path, capsys):
     (tmp_path / "CORRUPT").mkdir()
     (tmp_path / "CORRUPT" / "bad.png").write_bytes(b"\x89PNG broken")
     (tmp_path / "FILE").write_text("a file, not a folder")
-    over = {k: str(tmp_path / v) if isinstance(v, str) and v.split("/")[0] in ("EMPTY", "CORRUPT", "FILE") else v
-            for k, v in over.items()}
+    over = {
+        k: str(tmp_path / v) if isinstance(v, str) and v.split("/")[0] in ("EMPTY", "CORRUPT", "FILE") else v
+        for k, v in over.items()
+    }
     cfg = _cfg(tmp_path, **over)
     import yaml
 
