@@ -96,12 +96,14 @@ def add_adapter(
     dropout: float = 0.0,
     axis: str = "out",
     components_to_adapt: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> dict[str, list[str]]:
     """Inject a new adapter into every target linear layer and freeze everything but the adapters.
 
     ``alpha`` defaults to ``rank`` (scaling s = alpha/rank = 1). ``targets`` are module-path suffixes or globs
     (default: UNet ``to_q/to_k/to_v/to_out.0`` and text-encoder ``q_proj/k_proj/v_proj/out_proj``).
-    ``components_to_adapt`` limits a pipeline to some of ``unet``, ``text_encoder``, ``text_encoder_2``.
+    ``components_to_adapt`` limits a pipeline to some of ``unet``, ``text_encoder``, ``text_encoder_2``;
+    ``exclude`` drops layers whose "<component>.<module path>" matches a suffix or glob.
     Returns {component prefix: [adapted module paths]}. Trainable parameters afterwards: A, B (and m).
     """
     alpha = float(rank) if alpha is None else alpha
@@ -115,7 +117,10 @@ def add_adapter(
         comps = {k: v for k, v in comps.items() if k in components_to_adapt}
     if name in list_adapters(model):
         raise AdapterError(f"an adapter named {name!r} already exists; remove_adapter() it or pick another name")
-    plan = {prefix: find_targets(module, targets) for prefix, module in comps.items()}
+    plan = {
+        prefix: [p for p in find_targets(module, targets) if not any(_matches(f"{prefix}.{p}", e) for e in exclude)]
+        for prefix, module in comps.items()
+    }
     if not any(plan.values()):
         linear = [n for m in comps.values() for n, x in m.named_modules() if isinstance(x, nn.Linear)]
         close = sorted({n.rsplit(".", 1)[-1] for n in linear})[:12]
@@ -230,6 +235,25 @@ def merge_adapters(model) -> None:
         layer.merge()
 
 
+@torch.no_grad()
+def bake_adapters(model) -> int:
+    """IRREVERSIBLE: fold the enabled adapters (at their strengths) into the weights, W0 + Σ λ_i (W'_i − W0),
+    and replace every AdaptedLinear by a plain nn.Linear holding that weight. W0 and all adapters (disabled
+    ones included) are discarded: nothing can be unmerged afterwards, and the state dict has exactly the base
+    model's keys. For exporting a merged model; use merge_adapters to merge reversibly. Returns the number of
+    layers baked."""
+    baked = 0
+    for module in components(model).values():
+        for path, layer in list(module.named_modules()):
+            if isinstance(layer, AdaptedLinear):
+                layer.merge()
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                linear.weight, linear.bias = layer.weight, layer.bias
+                _set_submodule(module, path, linear)
+                baked += 1
+    return baked
+
+
 def unmerge_adapters(model) -> None:
     """Restore W0 bit for bit; adapters run as live layers again."""
     for _, _, layer in adapted_layers(model):
@@ -266,9 +290,3 @@ def adapter_layers(model, name: str) -> dict[str, tuple[AdaptedLinear, Adapter]]
         for prefix, path, layer in adapted_layers(model)
         if name in layer.adapters
     }
-
-
-@torch.no_grad()
-def base_weights_snapshot(model) -> dict[str, torch.Tensor]:
-    """Copies of every adapted layer's W0 (for tests and drift checks)."""
-    return {f"{p}.{n}": layer.base_weight().detach().clone() for p, n, layer in adapted_layers(model)}

@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class _StopFlag:
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _StopFlag:
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -103,12 +104,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _prepare_output(cfg: TrainConfig) -> None:
     try:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +114,15 @@ def _prepare_output(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"output_dir: cannot write to {str(cfg.output_dir)!r} ({e.strerror or e}); choose a writable folder"
         ) from None
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard writer when the tensorboard package is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
@@ -146,7 +150,7 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]):
     return Prodigy(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
 
 
-def _validate_images(pipe, cfg: TrainConfig, dataset, accelerator, step: int, unet) -> list[Path]:
+def _validate_images(pipe, cfg: TrainConfig, accelerator, step: int, unet) -> list[Path]:
     """Sample images with the live (unmerged) adapter; main process only."""
     out = cfg.output_dir / "samples"
     out.mkdir(exist_ok=True)
@@ -255,6 +259,9 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     comps = ["unet", *encoders] if cfg.train_text_encoder else ["unet"]
     for n in ("vae", *encoders):
         getattr(pipe, n).requires_grad_(False)  # add_adapter then unfreezes exactly the adapters it adds
+    # SDXL conditions on text_encoder's penultimate layer: adapters on its last layer would never train.
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    unused = [f"text_encoder.*layers.{last}.*"] if arch.arch == "sdxl" else []
     add_adapter(
         pipe,
         ADAPTER,
@@ -265,6 +272,7 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         dropout=cfg.dropout,
         axis=cfg.axis,
         components_to_adapt=comps,
+        exclude=unused,
     )
     named = {f"{k}.{pn}": p for k, (_, a) in adapter_layers(pipe, ADAPTER).items() for pn, p in a.named_parameters()}
     unet_params = [p for k, p in named.items() if k.startswith("unet.")]
@@ -273,7 +281,8 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for n in encoders:
-                getattr(pipe, n).gradient_checkpointing_enable()
+                enc = getattr(pipe, n)  # transformers 5 renamed it; keep both spellings working
+                getattr(enc, "activation_checkpointing_enable", enc.gradient_checkpointing_enable)()
 
     # -- stage 4: caches (latents when images never change; text when the encoders are frozen) ------------------
     latent_cache: dict[tuple, torch.Tensor] = {}
@@ -390,6 +399,7 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     csv = (cfg.output_dir / "log.csv").open("a") if main else None
     if csv is not None and csv.tell() == 0:
         csv.write("step,loss,lr,steps_per_s,elapsed_s\n")
+    tensorboard = _tensorboard(cfg.output_dir / "tensorboard") if main else None
     bar = tqdm(total=cfg.max_train_steps, initial=start, disable=not main, desc="training", unit="step")
     t0, status, last_ckpt, step = time.perf_counter(), "finished", None, start
     if start == 0:
@@ -439,6 +449,9 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
             if csv is not None:
                 csv.write(f"{step},{loss_sum:.6f},{lr:.6g},{rate:.4f},{elapsed:.2f}\n")
                 csv.flush()
+            if tensorboard is not None:
+                tensorboard.add_scalar("loss", loss_sum, step)
+                tensorboard.add_scalar("lr", lr, step)
             if cb.on_step and main:
                 cb.on_step(
                     StepInfo(
@@ -451,7 +464,7 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
                     )
                 )
             if main and cfg.validation_prompt and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
-                paths = _validate_images(pipe, cfg, dataset, accelerator, step, unet)
+                paths = _validate_images(pipe, cfg, accelerator, step, unet)
                 if cb.on_samples:
                     cb.on_samples(step, paths)
             save_intermediate(step)
@@ -464,6 +477,8 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     bar.close()
     if csv is not None:
         csv.close()
+    if tensorboard is not None:
+        tensorboard.close()
     accelerator.wait_for_everyone()
 
     # -- stage 7: the adapter files ------------------------------------------------------------------------------

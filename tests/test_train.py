@@ -57,6 +57,7 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
             train_text_encoder=True,
             validation_prompt="a photo of sks heart",
             validation_steps=4,
+            save_intermediate_every=4,
             validation_inference_steps=2,
             num_validation_images=1,
         ),
@@ -83,6 +84,12 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
         a = ours("a photo of sks heart", generator=torch.Generator().manual_seed(0), **kw).images
         b = stock("a photo of sks heart", generator=torch.Generator().manual_seed(0), **kw).images
     assert np.abs(a - b).max() <= 1e-4
+
+    # Every adapter tensor trained (none sits where no gradient reaches, e.g. SDXL's unused last text layer).
+    first = load_file(str(out / "intermediate" / "step-000000.safetensors"))
+    final = load_file(str(out / "adapter.safetensors"))
+    assert first.keys() == final.keys() and all(not torch.equal(first[k], final[k]) for k in final)
+    assert any(k.startswith("text_encoder.") for k in final)
 
 
 def test_overfitting_one_image_lowers_the_loss_and_moves_every_tensor(tmp_path):
