@@ -9,9 +9,14 @@ _EXPORTS = {
     "AdapterError": "inject",
     "AdapterFileError": "adapter_io",
     "ModelLoadError": "models",
+    "Studio": "generate",
     "add_adapter": "inject",
+    "analyze_runs": "analysis",
+    "bake_adapters": "inject",
     "describe_architecture": "models",
     "disable_adapters": "inject",
+    "export_merged": "export",
+    "export_svd_lora": "export",
     "list_adapters": "inject",
     "load_adapter": "adapter_io",
     "load_pipeline": "models",
@@ -20,6 +25,7 @@ _EXPORTS = {
     "save_adapter": "adapter_io",
     "set_adapter_enabled": "inject",
     "set_adapter_scale": "inject",
+    "train": "train",
     "unmerge_adapters": "inject",
 }
 __all__ = sorted(_EXPORTS)

@@ -93,7 +93,8 @@ def _arch(pipe) -> dict:
     }
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """safetensors.save_file through a temporary file in the same folder, fsync, rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -192,16 +193,33 @@ def save_adapter(
                 "ss_network_args": json.dumps({"dora_wd": "True"} if info.kind == "dora" else {}),
             }
         )
-    _atomic_save(tensors, path, header)
+    atomic_save_file(tensors, path, header)
     return path
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
 
 
-def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file after checking it is one; a teaching error for anything else."""
-    if not path.exists():
+def parse_adapter_spec(spec: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:WEIGHT`` → (path, strength); a colon inside a path (``C:\\x``) is not a weight."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not weight or any(c in weight for c in "/\\") or weight.endswith(".safetensors"):
+        return Path(spec), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise AdapterError(f"adapter {spec!r}: weight {weight!r} is not a number; write FILE or FILE:WEIGHT") from None
+
+
+# Key prefixes of whole Stable Diffusion checkpoints (original layout and diffusers' UNet): not adapters.
+_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "conv_in.")
+
+
+def check_adapter_file(path: str | os.PathLike) -> list[str]:
+    """Check that ``path`` is a safetensors adapter file from its header alone (no tensor is read): exists, not
+    empty, not a pickle, a sane header, not a whole model checkpoint. Returns its tensor names."""
+    path = Path(path)
+    if not path.is_file():
         raise AdapterFileError(f"adapter file not found: {str(path)!r}")
     size = path.stat().st_size
     if size == 0:
@@ -232,15 +250,30 @@ def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())
     except Exception as e:  # safetensors raises a bare SafetensorError with terse text
         raise AdapterFileError(
             f"{path.name}: truncated or corrupt safetensors file ({e}); download or copy it again"
         ) from e
-    if not tensors:
+    if not names:
         raise AdapterFileError(f"{path.name}: the file holds no tensors")
-    return tensors, meta
+    if any(k.startswith(_MODEL_PREFIXES) for k in names):
+        raise AdapterFileError(
+            f"{path.name} is a whole model checkpoint, not a LoRA/DoRA adapter file; use it as the base model"
+        )
+    return names
+
+
+def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors adapter file after check_adapter_file; a teaching error for anything else."""
+    check_adapter_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise AdapterFileError(
+            f"{path.name}: truncated or corrupt safetensors file ({e}); download or copy it again"
+        ) from e
 
 
 def _split(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:

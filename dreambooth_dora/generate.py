@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .adapter_io import AdapterFileError, load_adapter
+from .adapter_io import AdapterFileError, load_adapter, parse_adapter_spec
 from .inject import (
     AdapterError,
     list_adapters,
@@ -76,10 +76,7 @@ class AdapterChoice:
     @staticmethod
     def parse(spec: str) -> AdapterChoice:
         """``file.safetensors`` or ``file.safetensors:0.8``."""
-        head, sep, tail = spec.rpartition(":")
-        if sep and re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", tail.strip(), re.IGNORECASE):
-            return AdapterChoice(Path(head), float(tail))
-        return AdapterChoice(Path(spec))
+        return AdapterChoice(*parse_adapter_spec(spec))
 
 
 @dataclass

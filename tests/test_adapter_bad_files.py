@@ -82,6 +82,8 @@ def _case(name, tmp_path, good):
         return _write(tmp_path, {**tensors, f"{Q}.lora_A.weight": torch.ones(4, 32, dtype=torch.int32)})
     elif name == "bad_magnitude_shape":
         return _write(tmp_path, {**tensors, f"{Q}.lora_magnitude_vector.weight": torch.ones(7)})
+    elif name == "whole_model":
+        return _write(tmp_path, {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)})
     elif name == "no_tensors":
         return _write(tmp_path, {})
     return p
@@ -106,6 +108,7 @@ CASES = {
     "integer_dtype": r"A has dtype torch\.int32; adapter weights must be floating point",
     "bad_magnitude_shape": r"magnitude shape \(7,\) fits neither axis",
     "no_tensors": "holds no tensors",
+    "whole_model": "whole model checkpoint, not a LoRA/DoRA adapter file; use it as the base model",
 }
 
 
