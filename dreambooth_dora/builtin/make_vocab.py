@@ -27,7 +27,7 @@ _PROMPT_WORDS_TEXT = """
     dog dogs cat cats person people man woman boy girl child baby face
     toy toys robot car house tree flower bird ball cup mug chair table book shoe hat bag bear teddy
     red blue green yellow white black orange purple pink brown gray grey gold silver
-    star circle square triangle ring cross heart diamond stripe stripes dot dots line shape shapes
+    star circle square triangle ring cross heart diamond stripe stripes striped dot dots line shape shapes tone
     background foreground scene style painting drawing sketch cartoon render art anime watercolor
     oil pencil digital realistic cinematic lighting soft sharp focus blurry
     small large big tiny top bottom left right center middle corner
