@@ -151,9 +151,15 @@ def save_adapter(
         tensors[key] = t.detach().to("cpu", dtype).contiguous().clone()
 
     targets: dict[str, set[str]] = {}
+    patterns: dict[str, dict[str, dict[str, float]]] = {}  # per component: layers whose rank/alpha differ
     for full, (_, a) in layers.items():
         comp, _, path_in = full.partition(".")
         public = keys.public_path(comp, comps[comp], path_in)
+        if (a.rank, a.alpha) != (info.rank, info.alpha):  # kind "full" (rank = in_features) or mixed files
+            # peft matches pattern keys as module-path suffixes: the path without "text_model." fits both
+            # transformers spellings of the text encoder
+            pat = patterns.setdefault(comp, {"rank_pattern": {}, "alpha_pattern": {}})
+            pat["rank_pattern"][path_in], pat["alpha_pattern"][path_in] = a.rank, a.alpha
         # peft matches target_modules against the model's own paths, which differ between transformers
         # versions for text encoders: name the leaf there; the UNet gets exact paths.
         targets.setdefault(comp, set()).add(public if comp == "unet" else public.rsplit(".", 1)[-1])
@@ -180,6 +186,7 @@ def save_adapter(
                     f"{comp}.lora_alpha": info.alpha,
                     f"{comp}.use_dora": info.kind == "dora",
                     f"{comp}.target_modules": sorted(paths),
+                    **{f"{comp}.{k}": v for k, v in patterns.get(comp, {}).items()},
                 }
             )
         header[DIFFUSERS_KEY] = json.dumps(peft_cfg, sort_keys=True)

@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # default: the base model's scheduler
 
     # -- the adapter ------------------------------------------------------------------------------------------
-    kind: Literal["dora", "lora"] = "dora"
+    kind: Literal["dora", "lora", "full"] = "dora"  # full: fine-tune the targets' weights (for comparisons)
     rank: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0)  # default: alpha = rank
     axis: Literal["out", "in"] = "out"

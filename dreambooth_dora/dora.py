@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-KINDS = ("dora", "lora")
+KINDS = ("dora", "lora", "full")
 AXES = ("out", "in")
 
 
@@ -96,6 +96,10 @@ class Adapter(nn.Module):
     ) -> None:
         super().__init__()
         out_features, in_features = weight.shape
+        if kind == "full":
+            # Full fine-tuning of this layer as an adapter: A = I fixed, B = ΔW trained, s = 1. One code path
+            # for training, merging and files (it saves as a full-rank LoRA).
+            rank = alpha = in_features
         self.kind, self.rank, self.alpha, self.axis = kind, int(rank), float(alpha), axis
         self.scaling = self.alpha / self.rank
         self.scale = 1.0  # strength λ
@@ -104,6 +108,10 @@ class Adapter(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0 makes the adapter a no-op at init
+        if kind == "full":
+            with torch.no_grad():
+                self.lora_A.copy_(torch.eye(in_features))
+            self.lora_A.requires_grad_(False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._w0_sq: tuple[tuple, torch.Tensor] | None = None  # (key of W0, ‖W0‖² per row/column)
         self._norm: tuple[tuple, torch.Tensor] | None = None  # (key of W0, A, B, ‖V‖)
@@ -158,14 +166,16 @@ class Adapter(nn.Module):
     def lora_branch(self, x2: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """[base +] s·B(A·dropout(x2)) for x2: (N, in); with base, one GEMM with a fused epilogue."""
         dtype = x2.dtype
-        ax = self.dropout(x2) @ self.lora_A.to(dtype).t()  # (N, r)
+        ax = self.dropout(x2)
+        if self.kind != "full":  # full: A = I
+            ax = ax @ self.lora_A.to(dtype).t()  # (N, r)
         if base is None:
             return self.scaling * (ax @ self.lora_B.to(dtype).t())
         return torch.addmm(base, ax, self.lora_B.to(dtype).t(), alpha=self.scaling)
 
     def delta(self, x2: torch.Tensor, base: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """W'x − W0x for x2: (N, in), given base = W0x (no bias): (N, out)."""
-        if self.kind == "lora":
+        if self.kind != "dora":
             return self.lora_branch(x2)
         c = self.norm_scale(weight).to(x2.dtype)
         if self.axis == "out":
@@ -179,7 +189,7 @@ class Adapter(nn.Module):
         """W' − W0 in fp32: (out, in)."""
         w = weight.float()
         delta = self.scaling * (self.lora_B @ self.lora_A)
-        if self.kind == "lora":
+        if self.kind != "dora":
             return delta
         c = self.norm_scale(weight)
         v = w + delta
@@ -226,7 +236,7 @@ class AdaptedLinear(nn.Linear):
 
     def _forward_single(self, x2: torch.Tensor, a: Adapter, weight: torch.Tensor) -> torch.Tensor:
         """The training path: one adapter at strength 1; one elementwise op beyond LoRA."""
-        if a.kind == "lora":
+        if a.kind != "dora":
             return a.lora_branch(x2, F.linear(x2, weight, self.bias))
         c = a.norm_scale(weight)
         if a.axis == "in":

@@ -73,7 +73,7 @@ def _check_args(name: str, kind: str, rank: int, alpha: float, dropout: float, a
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         problems.append(f"name={name!r}: use letters, digits, '_' or '-' (no dots or spaces)")
     if kind not in KINDS:
-        problems.append(f"kind={kind!r}: choose one of {KINDS}")
+        problems.append(f"kind={kind!r}: choose one of {KINDS} (full: fine-tune the target layers' weights)")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         problems.append(f"rank={rank!r}: must be an integer >= 1 (typical: 4-64)")
     if not (isinstance(alpha, (int, float)) and alpha > 0):
@@ -273,12 +273,12 @@ def remove_adapter(model, name: str) -> None:
 
 
 def adapter_parameters(model, name: str | None = None) -> list[nn.Parameter]:
-    """The trainable tensors: A, B and (DoRA) m of one adapter, or of all."""
+    """The trainable tensors: A, B and (DoRA) m of one adapter, or of all (full: B only)."""
     params = []
     for _, _, layer in adapted_layers(model):
         for n, a in layer.adapters.items():
             if name is None or n == name:
-                params.extend(a.parameters())
+                params.extend(p for p in a.parameters() if p.requires_grad)
     return params
 
 

@@ -275,8 +275,8 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         exclude=unused,
     )
     named = {f"{k}.{pn}": p for k, (_, a) in adapter_layers(pipe, ADAPTER).items() for pn, p in a.named_parameters()}
-    unet_params = [p for k, p in named.items() if k.startswith("unet.")]
-    te_params = [p for k, p in named.items() if not k.startswith("unet.")]
+    unet_params = [p for k, p in named.items() if k.startswith("unet.") and p.requires_grad]
+    te_params = [p for k, p in named.items() if not k.startswith("unet.") and p.requires_grad]
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:

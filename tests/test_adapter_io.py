@@ -62,7 +62,7 @@ def _image(pipe):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-@pytest.mark.parametrize("kind", ["dora", "lora"])
+@pytest.mark.parametrize("kind", ["dora", "lora", "full"])
 def test_stock_diffusers_reads_native_files(arch, kind, tmp_path, request):
     ours = _trained_like(request.getfixturevalue(f"tiny_{arch}"), kind=kind)
     path = save_adapter(ours, tmp_path / "adapter.safetensors")

@@ -306,3 +306,18 @@ def test_bad_input_is_explained_and_writes_nothing(case, tmp_path, capsys):
 
     assert re.search(needle, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, nothing written
+
+
+def test_full_fine_tuning_baseline_trains_the_target_weights(tmp_path):
+    """kind=full (the comparison baseline): ΔW of each target trains; it saves as a full-rank LoRA."""
+    from dreambooth_dora.adapter_io import load_adapter
+    from dreambooth_dora.inject import adapter_layers
+    from dreambooth_dora.models import load_pipeline
+
+    result = train(_cfg(tmp_path, kind="full", max_train_steps=3, rank=2))
+    pipe = load_pipeline("builtin:tiny-sd15")
+    load_adapter(pipe, result.output_dir / "adapter.safetensors")
+    layers = adapter_layers(pipe, "default")
+    assert layers and all(a.kind == "lora" and a.rank == layer.in_features for layer, a in layers.values())
+    assert all(a.lora_B.abs().max() > 0 for _, a in layers.values())
+    assert all(torch.equal(a.lora_A, torch.eye(layer.in_features)) for layer, a in layers.values())

@@ -1,0 +1,323 @@
+"""Train ``builtin:toy`` from scratch on the procedural toy world, on a CPU (DESIGN §5).
+
+    python -m dreambooth_dora.builtin.toy_pretrain --out sample_data/toy_base            # ~70 min on 2 cores
+    python -m dreambooth_dora.builtin.toy_pretrain --out sample_data/toy_base --resume   # continue after a stop
+
+Stages, each checkpointed under ``--work`` (default ``outputs/toy_pretrain``) so a stopped run continues:
+  1. render ``--scenes`` captioned 64×64 scenes (seeded);
+  2. the VAE (AutoencoderKL 32/64/64, 4× downsampling → 16×16×4 latents; MSE + 1e-6·KL), then its decoder
+     alone a while longer (the encoder frozen, so latents stay valid) — the VAE caps shape accuracy;
+  3. latents = posterior means × scaling factor (1/std), computed once;
+  4. text encoder (CLIP, 128 wide, 3 layers, 16 positions) and UNet (64/128/128, cross-attention 128) together,
+     from the diffusion loss alone: AdamW 6e-4, warmup, cosine to 10 %, grad clip 1, batch 32;
+  5. the pipeline in fp16 safetensors as a standard diffusers folder (StableDiffusionPipeline.from_pretrained).
+The sizes and recipe follow measurements on a 2-core CPU (shared/notes/toy-world.md): fp32 UNet (bf16 was 3×
+slower there), bf16 autocast for the VAE (7× faster), denormals flushed, fused AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import toy_world
+from .tiny import load_tokenizer
+
+TEXT_POSITIONS = 16
+
+
+def build_components(tokenizer):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=64,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_POSITIONS,
+            projection_dim=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=4,
+    )
+    return vae, text, unet
+
+
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """n scenes (held-out compositions and the toy subject excluded) → uint8 images (n, 3, 64, 64), scenes."""
+    images, scenes = toy_world.make_dataset(np.random.default_rng(seed), n)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
+
+
+def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float() / 127.5 - 1.0
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Budget:
+    """Time-boxed loops that checkpoint every ``every_s`` seconds and resume where they stopped."""
+
+    def __init__(self, seconds: float, done: float = 0.0):
+        self.seconds, self.done, self.t0 = seconds, done, time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return self.done + time.perf_counter() - self.t0
+
+    def left(self) -> bool:
+        return self.elapsed < self.seconds
+
+
+def _save(work: Path, name: str, state: dict) -> None:
+    tmp = work / f".{name}.tmp"
+    torch.save(state, tmp)  # our own work files, never user input
+    tmp.replace(work / name)
+
+
+def _load(work: Path, name: str) -> dict | None:
+    path = work / name
+    return torch.load(path, weights_only=True) if path.exists() else None
+
+
+def train_vae(vae, images, work: Path, minutes: float, decoder_minutes: float, log) -> None:
+    state = _load(work, "vae.pt")
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        if state.get("finished"):
+            return
+    done = state["elapsed"] if state else 0.0
+    phase_budget = Budget((minutes + decoder_minutes) * 60, done)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, fused=True)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    g = torch.Generator().manual_seed(1)
+    step, last_save = (state["step"] if state else 0), time.perf_counter()
+    vae.train()
+    while phase_budget.left():
+        decoder_only = phase_budget.elapsed > minutes * 60
+        for p in vae.encoder.parameters():
+            p.requires_grad_(not decoder_only)
+        for p in vae.quant_conv.parameters():
+            p.requires_grad_(not decoder_only)
+        idx = torch.randint(0, len(images), (32,), generator=g)
+        x = _to_unit(images[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            post = vae.encode(x).latent_dist
+            z = post.mean if decoder_only else post.sample(generator=g)
+            rec = vae.decode(z).sample
+        loss = F.mse_loss(rec.float(), x) + (0 if decoder_only else 1e-6 * post.kl().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(
+                f"vae step {step} {'decoder ' if decoder_only else ''}loss {loss.item():.5f} "
+                f"{phase_budget.elapsed / 60:.1f} min"
+            )
+        if time.perf_counter() - last_save > 120:
+            _save(
+                work,
+                "vae.pt",
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": phase_budget.elapsed},
+            )
+            last_save = time.perf_counter()
+    _save(work, "vae.pt", {"model": vae.state_dict(), "step": step, "elapsed": phase_budget.elapsed, "finished": True})
+
+
+@torch.no_grad()
+def encode_all(vae, images) -> torch.Tensor:
+    vae.eval()
+    out = []
+    for i in range(0, len(images), 256):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.append(vae.encode(_to_unit(images[i : i + 256])).latent_dist.mean.float())
+    return torch.cat(out)
+
+
+def train_unet(text, unet, latents, scenes, tokenizer, work: Path, minutes: float, log) -> None:
+    """Text encoder + UNet from the diffusion loss; captions are drawn afresh for every sample (optional words
+    and the 10 % empty caption for classifier-free guidance vary)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=6e-4, weight_decay=1e-2, fused=True)
+    state = _load(work, "unet.pt")
+    if state is not None:
+        text.load_state_dict(state["text"])
+        unet.load_state_dict(state["unet"])
+        if state.get("finished"):
+            return
+        opt.load_state_dict(state["opt"])
+    budget = Budget(minutes * 60, state["elapsed"] if state else 0.0)
+    step, last_save = (state["step"] if state else 0), time.perf_counter()
+    g = torch.Generator().manual_seed(2 + step)
+    caption_rng = np.random.default_rng(3 + step)
+    text.train()
+    unet.train()
+    # steps are ~constant in time: estimate the total from the pace so far for the cosine schedule
+    while budget.left():
+        pace = budget.elapsed / max(step, 1)
+        total = int(budget.seconds / pace) if step > 20 else 10_000
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, total, 6e-4)
+        idx = torch.randint(0, len(latents), (32,), generator=g)
+        z = latents[idx]
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (32,), generator=g)
+        captions = [toy_world.caption(scenes[i], caption_rng) for i in idx.tolist()]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=TEXT_POSITIONS, truncation=True, return_tensors="pt"
+        ).input_ids
+        pred = unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            log(
+                f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{budget.elapsed / 60:.1f}/{minutes:.0f} min"
+            )
+        if time.perf_counter() - last_save > 180:
+            _save(
+                work,
+                "unet.pt",
+                {
+                    "text": text.state_dict(),
+                    "unet": unet.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "elapsed": budget.elapsed,
+                },
+            )
+            last_save = time.perf_counter()
+    _save(
+        work,
+        "unet.pt",
+        {
+            "text": text.state_dict(),
+            "unet": unet.state_dict(),
+            "step": step,
+            "elapsed": budget.elapsed,
+            "finished": True,
+        },
+    )
+
+
+def assemble(vae, text, unet, tokenizer):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    sched = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dreambooth_dora.builtin.toy_pretrain", description=__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=Path("outputs/toy_pretrain"))
+    p.add_argument("--scenes", type=int, default=40_000)
+    p.add_argument("--vae-minutes", type=float, default=10)
+    p.add_argument("--decoder-minutes", type=float, default=6)
+    p.add_argument("--unet-minutes", type=float, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --work (otherwise it must be empty)")
+    a = p.parse_args(argv)
+    if a.work.exists() and any(a.work.iterdir()) and not a.resume:
+        print(
+            f"error: {a.work} holds an earlier run; pass --resume to continue it or choose another --work",
+            file=sys.stderr,
+        )
+        return 2
+    a.work.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(a.seed)
+    logf = (a.work / "log.txt").open("a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    tokenizer = load_tokenizer()
+    tokenizer.model_max_length = TEXT_POSITIONS
+    vae, text, unet = build_components(tokenizer)
+    t0 = time.perf_counter()
+    images, scenes = render_dataset(a.scenes, a.seed)
+    log(f"rendered {len(images)} scenes in {time.perf_counter() - t0:.0f} s")
+    train_vae(vae, images, a.work, a.vae_minutes, a.decoder_minutes, log)
+    latents = encode_all(vae, images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+    log(f"latents {tuple(latents.shape)} scaling_factor {vae.config.scaling_factor:.4f}")
+    train_unet(text, unet, latents, scenes, tokenizer, a.work, a.unet_minutes, log)
+    pipe = assemble(vae, text, unet, tokenizer).to(torch.float16)
+    pipe.save_pretrained(a.out, safe_serialization=True)
+    (a.out / "toy_world.json").write_text(
+        json.dumps({"scenes": a.scenes, "seed": a.seed, "held_out": [list(x) for x in toy_world.HELD_OUT]})
+    )
+    log(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
