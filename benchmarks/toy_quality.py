@@ -1,0 +1,117 @@
+"""DreamBooth quality on the toy world: DoRA vs LoRA vs full fine-tuning of the same projections (issue 5).
+
+    python benchmarks/toy_quality.py                       # 3 seeds × {dora, lora, full} × the lr grid
+    python benchmarks/toy_quality.py --seeds 0 --steps 100 --samples 16     # a quick look
+
+Every run trains training_configs/toy_subject.yaml on builtin:toy (same data, steps, rank, prior preservation),
+changing only kind, learning rate and seed, and keeps intermediate adapters for the ΔM/ΔD analysis. Each
+trained adapter is then measured with the exact toy evaluator (builtin/toy_eval.py):
+  subject fidelity  — identifier prompts "a sks heart on a {bg} background" showing the subject (%);
+  prompt fidelity   — the same images with the asked background (%);
+  drift             — class prompts "a heart on a {bg} background" that show the subject anyway (%; lower is
+                      better: the class stays ordinary).
+The table gives mean ± std over seeds per (kind, lr); the ΔM/ΔD plot and per-run slopes come from
+dreambooth_dora.analysis over the best lr of each kind (does DoRA show the paper's negative slope, LoRA a
+positive one?). Outputs go to --out (default outputs/toy_quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dreambooth_dora.adapter_io import load_adapter  # noqa: E402
+from dreambooth_dora.analysis import analyze_runs  # noqa: E402
+from dreambooth_dora.builtin.toy_eval import evaluate_subject  # noqa: E402
+from dreambooth_dora.config import load_config  # noqa: E402
+from dreambooth_dora.inject import remove_adapter  # noqa: E402
+from dreambooth_dora.models import load_pipeline  # noqa: E402
+from dreambooth_dora.train import train  # noqa: E402
+
+LR_GRID = {"dora": (5e-4, 1e-3), "lora": (5e-4, 1e-3), "full": (5e-5, 1e-4)}
+METRICS = {
+    "subject %": "identifier: subject %",
+    "asked bg %": "identifier: asked background %",
+    "drift %": "class prompt: subject appears % (drift)",
+    "class bg %": "class prompt: asked background %",
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--kinds", nargs="+", default=list(LR_GRID))
+    p.add_argument("--steps", type=int, help="override max_train_steps")
+    p.add_argument("--samples", type=int, default=48, help="identifier and class prompts per run")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_quality")
+    args = p.parse_args()
+    base_cfg = load_config(ROOT / "training_configs" / "toy_subject.yaml")
+    class_dir = args.out / "class_images"  # shared by every run: generated once
+    pipe = load_pipeline(base_cfg.base_model)
+    results: dict[tuple[str, float], list[dict]] = {}
+    runs: dict[tuple[str, float], list[Path]] = {}
+    t0 = time.perf_counter()
+    for kind in args.kinds:
+        for lr in LR_GRID[kind]:
+            for seed in args.seeds:
+                out = args.out / f"{kind}_lr{lr:g}_seed{seed}"
+                over = {
+                    "kind": kind,
+                    "learning_rate": lr,
+                    "seed": seed,
+                    "output_dir": out,
+                    "class_data_dir": class_dir,
+                    "validation_prompt": None,
+                }
+                if args.steps:
+                    over["max_train_steps"] = args.steps
+                    over["save_intermediate_every"] = max(1, args.steps // 4)
+                if not (out / "adapter.safetensors").exists():
+                    train(base_cfg.model_copy(update=over))
+                load_adapter(pipe, out / "adapter.safetensors", name="run")
+                rates, _ = evaluate_subject(pipe, args.samples, seed=10_000)
+                remove_adapter(pipe, "run")
+                results.setdefault((kind, lr), []).append(rates)
+                runs.setdefault((kind, lr), []).append(out)
+                print(
+                    f"{kind} lr {lr:g} seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+
+    print(
+        f"\n{len(args.seeds)} seeds, {args.samples} identifier + {args.samples} class prompts per run, "
+        f"{base_cfg.max_train_steps if not args.steps else args.steps} steps, rank {base_cfg.rank}\n"
+    )
+    print("| kind | lr | " + " | ".join(METRICS) + " |\n|---|---:|" + "---:|" * len(METRICS))
+    best: dict[str, tuple[float, float]] = {}
+    for (kind, lr), rs in results.items():
+        cells = []
+        for key in METRICS.values():
+            vals = [r[key] for r in rs]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}")
+        print(f"| {kind} | {lr:g} | " + " | ".join(cells) + " |")
+        fidelity = statistics.mean(r[METRICS["subject %"]] for r in rs)
+        if kind not in best or fidelity > best[kind][1]:
+            best[kind] = (lr, fidelity)
+    chosen = [run for kind, (lr, _) in best.items() for run in runs[(kind, lr)]]
+    analysis = analyze_runs(chosen, args.out / "analysis")
+    print("\nΔM/ΔD fitted slopes (best lr per kind):")
+    for name, slope in analysis.slopes.items():
+        print(f"  {name}: {slope:+.3f}")
+    print(f"plot: {analysis.png_path}")
+    (args.out / "results.json").write_text(
+        json.dumps({f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"slopes": analysis.slopes}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
