@@ -43,7 +43,7 @@ from .models import ModelLoadError, load_pipeline
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 _NAME = "analysis"  # the name intermediate adapters are loaded under
-_KIND_LABELS = {"dora": "DoRA", "lora": "LoRA"}
+_KIND_LABELS = {"dora": "DoRA", "lora": "LoRA", "full": "full fine-tuning"}
 
 
 class AnalysisError(ValueError):
