@@ -93,20 +93,6 @@ def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class Budget:
-    """Time-boxed loops that checkpoint every ``every_s`` seconds and resume where they stopped."""
-
-    def __init__(self, seconds: float, done: float = 0.0):
-        self.seconds, self.done, self.t0 = seconds, done, time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        return self.done + time.perf_counter() - self.t0
-
-    def left(self) -> bool:
-        return self.elapsed < self.seconds
-
-
 def _save(work: Path, name: str, state: dict) -> None:
     tmp = work / f".{name}.tmp"
     torch.save(state, tmp)  # our own work files, never user input
@@ -118,51 +104,56 @@ def _load(work: Path, name: str) -> dict | None:
     return torch.load(path, weights_only=True) if path.exists() else None
 
 
-def train_vae(vae, images, work: Path, minutes: float, decoder_minutes: float, log) -> None:
+class _Progress:
+    """Log every 100 steps with the pace and time left; checkpoint every ``every`` steps."""
+
+    def __init__(self, name: str, total: int, start: int, log, every: int = 250):
+        self.name, self.total, self.start, self.log, self.every = name, total, start, log, every
+        self.t0 = time.perf_counter()
+
+    def step(self, step: int, loss: float, extra: str = "") -> bool:
+        """Report step; True when a checkpoint is due."""
+        if step % 100 == 0:
+            rate = (step - self.start) / (time.perf_counter() - self.t0)
+            left = (self.total - step) / rate / 60 if rate else float("nan")
+            self.log(
+                f"{self.name} step {step}/{self.total} loss {loss:.5f} {extra}{rate:.2f} steps/s, {left:.1f} min left"
+            )
+        return step % self.every == 0
+
+
+def train_vae(vae, images, work: Path, steps: int, decoder_steps: int, log) -> None:
+    """AutoencoderKL on the scenes: MSE + 1e-6·KL for ``steps``, then the decoder alone on posterior means."""
     state = _load(work, "vae.pt")
     if state is not None:
         vae.load_state_dict(state["model"])
         if state.get("finished"):
             return
-    done = state["elapsed"] if state else 0.0
-    phase_budget = Budget((minutes + decoder_minutes) * 60, done)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, fused=True)
     if state is not None:
         opt.load_state_dict(state["opt"])
-    g = torch.Generator().manual_seed(1)
-    step, last_save = (state["step"] if state else 0), time.perf_counter()
+    step = state["step"] if state else 0
+    total = steps + decoder_steps
+    progress = _Progress("vae", total, step, log)
     vae.train()
-    while phase_budget.left():
-        decoder_only = phase_budget.elapsed > minutes * 60
-        for p in vae.encoder.parameters():
-            p.requires_grad_(not decoder_only)
-        for p in vae.quant_conv.parameters():
-            p.requires_grad_(not decoder_only)
-        idx = torch.randint(0, len(images), (32,), generator=g)
-        x = _to_unit(images[idx])
+    while step < total:
+        g = torch.Generator().manual_seed(1_000_000 + step)  # per step: a resumed run draws the same batches
+        decoder_only = step >= steps
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(not decoder_only)
+        x = _to_unit(images[torch.randint(0, len(images), (32,), generator=g)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             post = vae.encode(x).latent_dist
-            z = post.mean if decoder_only else post.sample(generator=g)
-            rec = vae.decode(z).sample
+            rec = vae.decode(post.mean if decoder_only else post.sample(generator=g)).sample
         loss = F.mse_loss(rec.float(), x) + (0 if decoder_only else 1e-6 * post.kl().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
-            log(
-                f"vae step {step} {'decoder ' if decoder_only else ''}loss {loss.item():.5f} "
-                f"{phase_budget.elapsed / 60:.1f} min"
-            )
-        if time.perf_counter() - last_save > 120:
-            _save(
-                work,
-                "vae.pt",
-                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": phase_budget.elapsed},
-            )
-            last_save = time.perf_counter()
-    _save(work, "vae.pt", {"model": vae.state_dict(), "step": step, "elapsed": phase_budget.elapsed, "finished": True})
+        if progress.step(step, loss.item(), "decoder " if decoder_only else ""):
+            _save(work, "vae.pt", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+    _save(work, "vae.pt", {"model": vae.state_dict(), "step": step, "finished": True})
 
 
 @torch.no_grad()
@@ -175,7 +166,7 @@ def encode_all(vae, images) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(text, unet, latents, scenes, tokenizer, work: Path, minutes: float, log) -> None:
+def train_unet(text, unet, latents, scenes, tokenizer, work: Path, steps: int, log) -> None:
     """Text encoder + UNet from the diffusion loss; captions are drawn afresh for every sample (optional words
     and the 10 % empty caption for classifier-free guidance vary)."""
     from diffusers import DDPMScheduler
@@ -190,18 +181,15 @@ def train_unet(text, unet, latents, scenes, tokenizer, work: Path, minutes: floa
         if state.get("finished"):
             return
         opt.load_state_dict(state["opt"])
-    budget = Budget(minutes * 60, state["elapsed"] if state else 0.0)
-    step, last_save = (state["step"] if state else 0), time.perf_counter()
-    g = torch.Generator().manual_seed(2 + step)
-    caption_rng = np.random.default_rng(3 + step)
+    step = state["step"] if state else 0
+    progress = _Progress("unet", steps, step, log)
     text.train()
     unet.train()
-    # steps are ~constant in time: estimate the total from the pace so far for the cosine schedule
-    while budget.left():
-        pace = budget.elapsed / max(step, 1)
-        total = int(budget.seconds / pace) if step > 20 else 10_000
+    while step < steps:
+        g = torch.Generator().manual_seed(2_000_000 + step)
+        caption_rng = np.random.default_rng(3_000_000 + step)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, total, 6e-4)
+            group["lr"] = _lr(step, steps, 6e-4)
         idx = torch.randint(0, len(latents), (32,), generator=g)
         z = latents[idx]
         noise = torch.randn(z.shape, generator=g)
@@ -217,35 +205,10 @@ def train_unet(text, unet, latents, scenes, tokenizer, work: Path, minutes: floa
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
-            log(
-                f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{budget.elapsed / 60:.1f}/{minutes:.0f} min"
-            )
-        if time.perf_counter() - last_save > 180:
-            _save(
-                work,
-                "unet.pt",
-                {
-                    "text": text.state_dict(),
-                    "unet": unet.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "elapsed": budget.elapsed,
-                },
-            )
-            last_save = time.perf_counter()
-    _save(
-        work,
-        "unet.pt",
-        {
-            "text": text.state_dict(),
-            "unet": unet.state_dict(),
-            "step": step,
-            "elapsed": budget.elapsed,
-            "finished": True,
-        },
-    )
+        if progress.step(step, loss.item(), f"lr {opt.param_groups[0]['lr']:.2e} "):
+            state = {"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(), "step": step}
+            _save(work, "unet.pt", state)
+    _save(work, "unet.pt", {"text": text.state_dict(), "unet": unet.state_dict(), "step": step, "finished": True})
 
 
 def assemble(vae, text, unet, tokenizer):
@@ -276,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("outputs/toy_pretrain"))
     p.add_argument("--scenes", type=int, default=40_000)
-    p.add_argument("--vae-minutes", type=float, default=10)
-    p.add_argument("--decoder-minutes", type=float, default=6)
-    p.add_argument("--unet-minutes", type=float, default=50)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--decoder-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work (otherwise it must be empty)")
     a = p.parse_args(argv)
@@ -304,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     images, scenes = render_dataset(a.scenes, a.seed)
     log(f"rendered {len(images)} scenes in {time.perf_counter() - t0:.0f} s")
-    train_vae(vae, images, a.work, a.vae_minutes, a.decoder_minutes, log)
+    train_vae(vae, images, a.work, a.vae_steps, a.decoder_steps, log)
     latents = encode_all(vae, images)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     latents = latents * vae.config.scaling_factor
     log(f"latents {tuple(latents.shape)} scaling_factor {vae.config.scaling_factor:.4f}")
-    train_unet(text, unet, latents, scenes, tokenizer, a.work, a.unet_minutes, log)
+    train_unet(text, unet, latents, scenes, tokenizer, a.work, a.unet_steps, log)
     pipe = assemble(vae, text, unet, tokenizer).to(torch.float16)
     pipe.save_pretrained(a.out, safe_serialization=True)
     (a.out / "toy_world.json").write_text(
