@@ -271,9 +271,14 @@ class AdaptedLinear(nn.Linear):
         """W0, whether or not adapters are merged."""
         return self._w0_backup.to(self.weight.device) if self.merged else self.weight
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear sharing W0 and the bias (used when the last adapter is removed)."""
-        self.unmerge()
+    def to_linear(self, bake: bool = False) -> nn.Linear:
+        """A plain nn.Linear sharing this layer's bias and weight: W0 (adapters dropped), or with ``bake`` the
+        weight with the enabled adapters merged in (irreversible: W0 is not kept)."""
+        if bake:
+            self.merge()
+            self._w0_backup, self.merged = None, False
+        else:
+            self.unmerge()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear

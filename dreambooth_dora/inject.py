@@ -246,10 +246,7 @@ def bake_adapters(model) -> int:
     for module in components(model).values():
         for path, layer in list(module.named_modules()):
             if isinstance(layer, AdaptedLinear):
-                layer.merge()
-                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-                linear.weight, linear.bias = layer.weight, layer.bias
-                _set_submodule(module, path, linear)
+                _set_submodule(module, path, layer.to_linear(bake=True))
                 baked += 1
     return baked
 
