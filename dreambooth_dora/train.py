@@ -116,6 +116,25 @@ def _prepare_output(cfg: TrainConfig) -> None:
         ) from None
 
 
+def _dataset(cfg: TrainConfig, with_class_images: bool) -> DreamBoothDataset:
+    class_kwargs = {}
+    if with_class_images:
+        class_kwargs = dict(
+            class_dir=cfg.resolved_class_dir, class_prompt=cfg.class_prompt, num_class_images=cfg.num_class_images
+        )
+    return DreamBoothDataset(
+        cfg.instance_data_dir,
+        cfg.instance_prompt,
+        cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        repeats=cfg.repeats,
+        bucketing=cfg.bucketing,
+        seed=cfg.seed,
+        **class_kwargs,
+    )
+
+
 def _tensorboard(folder: Path):
     """A TensorBoard writer when the tensorboard package is installed (optional), else None."""
     try:
@@ -178,28 +197,27 @@ def _validate_images(pipe, cfg: TrainConfig, accelerator, step: int, unet) -> li
 def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None = None) -> TrainResult:
     """Run DreamBooth training as configured. Raises ConfigError / DataError / ModelLoadError for bad input
     (before anything is written) and TrainingError when a run must stop."""
+    if isinstance(config, TrainConfig):
+        cfg = config
+    else:
+        cfg = load_config(config) if isinstance(config, (str, Path)) else load_config(**config)
+    package_log = logging.getLogger("dreambooth_dora")
+    before = set(package_log.handlers)
+    try:
+        return _run(cfg, callbacks or Callbacks(), package_log)
+    finally:  # this run's train.log handler must not outlive it (several runs in one process)
+        for handler in set(package_log.handlers) - before:
+            package_log.removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: TrainConfig, cb: Callbacks, package_log: logging.Logger) -> TrainResult:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    cfg = (
-        config
-        if isinstance(config, TrainConfig)
-        else (load_config(config) if isinstance(config, (str, Path)) else load_config(**config))
-    )
-    cb = callbacks or Callbacks()
-
     # -- stage 1: validate inputs before writing anything --------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    dataset = DreamBoothDataset(
-        cfg.instance_data_dir,
-        cfg.instance_prompt,
-        cfg.resolution,
-        center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip,
-        repeats=cfg.repeats,
-        bucketing=cfg.bucketing,
-        seed=cfg.seed,
-    )
+    dataset = _dataset(cfg, with_class_images=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     main = accelerator.is_main_process
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -217,7 +235,6 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
         (cfg.output_dir / "train_config.yaml").write_text(cfg.to_yaml())
         handler = logging.FileHandler(cfg.output_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        package_log = logging.getLogger("dreambooth_dora")
         package_log.addHandler(handler)
         package_log.setLevel(logging.INFO)
         log.info("dataset: %d images used, %d skipped", len(dataset.report.images), len(dataset.report.skipped))
@@ -240,19 +257,7 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
                 resolution=cfg.resolution,
             )
         accelerator.wait_for_everyone()
-        dataset = DreamBoothDataset(
-            cfg.instance_data_dir,
-            cfg.instance_prompt,
-            cfg.resolution,
-            class_dir=cfg.resolved_class_dir,
-            class_prompt=cfg.class_prompt,
-            num_class_images=cfg.num_class_images,
-            center_crop=cfg.center_crop,
-            random_flip=cfg.random_flip,
-            repeats=cfg.repeats,
-            bucketing=cfg.bucketing,
-            seed=cfg.seed,
-        )
+        dataset = _dataset(cfg, with_class_images=True)
 
     # -- stage 3: adapters ---------------------------------------------------------------------------------------
     encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
