@@ -5,8 +5,8 @@
 
 Stages, each checkpointed under ``--work`` (default ``outputs/toy_pretrain``) so a stopped run continues:
   1. render ``--scenes`` captioned 64×64 scenes (seeded);
-  2. the VAE (AutoencoderKL 32/64/64, 4× downsampling → 16×16×4 latents; MSE + 1e-6·KL), then its decoder
-     alone a while longer (the encoder frozen, so latents stay valid) — the VAE caps shape accuracy;
+  2. the VAE (AutoencoderKL 32/64/64, 4× downsampling → 16×16×4 latents; MSE + 1e-6·KL) on 32×32 crops, then
+     its decoder alone on whole scenes (the encoder frozen, so latents stay valid) — the VAE caps shape accuracy;
   3. latents = posterior means × scaling factor (1/std), computed once;
   4. text encoder (CLIP, 128 wide, 3 layers, 16 positions) and UNet (64/128/128, cross-attention 128) together,
      from the diffusion loss alone: AdamW 6e-4, warmup, cosine to 10 %, grad clip 1, batch 32;
@@ -142,6 +142,11 @@ def train_vae(vae, images, work: Path, steps: int, decoder_steps: int, log) -> N
         for module in (vae.encoder, vae.quant_conv):
             module.requires_grad_(not decoder_only)
         x = _to_unit(images[torch.randint(0, len(images), (32,), generator=g)])
+        if not decoder_only:
+            # The VAE is convolutional: 32×32 crops teach it at a quarter of the cost; the decoder then
+            # finishes on whole scenes.
+            top, left = torch.randint(0, 33, (2,), generator=g).tolist()
+            x = x[:, :, top : top + 32, left : left + 32]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.mean if decoder_only else post.sample(generator=g)).sample
@@ -239,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("outputs/toy_pretrain"))
     p.add_argument("--scenes", type=int, default=40_000)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--decoder-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--decoder-steps", type=int, default=500)
+    p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work (otherwise it must be empty)")
     a = p.parse_args(argv)
