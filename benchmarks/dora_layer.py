@@ -20,7 +20,8 @@ after some training; m = ‖W0‖): ours DoRA (oD), ours LoRA (oL), peft DoRA (p
     (alpha = rank) on UNet to_q/to_k/to_v/to_out.0 and text q/k/v/out_proj.
 
 Reading the tables: variants run round-robin, the order rotated every round, so machine noise hits all alike.
-"ms" is the median time per step, for reference only. A ratio X/Y is the median over rounds of
+"ms" is the median time per step (CPU: process CPU time, robust to other work on the machine), for
+reference only. A ratio X/Y is the median over rounds of
 time(X)/time(Y) within one round: read those. Memory is the peak increase over the memory held before one
 step (activations, temporaries, grads), by one method for all variants: CUDA max_memory_allocated after
 reset_peak_memory_stats; CPU the running sum of all allocations/frees seen by torch.profiler(profile_memory).
@@ -136,9 +137,16 @@ def peak_mib(fn, device: torch.device) -> float:
     return peak / 2**20
 
 
+def clock(device: torch.device):
+    """CUDA: wall time (after synchronizing). CPU: this process's CPU time, which work of other processes on a
+    shared machine barely disturbs (with torch on one thread it is the compute itself)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def bench(steps: dict, device: torch.device, warmup: int, rounds: int, target_ms: float = 0.0) -> dict:
     """Round-robin timing: {name: [ms per step, one per round]}. With target_ms > 0 each measurement repeats
     the step enough times (the same count for all variants) to last about target_ms."""
+    now = clock(device)
     names = list(steps)
     for _ in range(warmup):
         for n in names:
@@ -146,19 +154,19 @@ def bench(steps: dict, device: torch.device, warmup: int, rounds: int, target_ms
     inner = 1
     if target_ms > 0:
         sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         steps[REF]()
         sync(device)
-        inner = max(1, min(1000, math.ceil(target_ms / max((time.perf_counter() - t0) * 1e3, 1e-3))))
+        inner = max(1, min(1000, math.ceil(target_ms / max((now() - t0) * 1e3, 1e-3))))
     times = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 steps[n]()
             sync(device)
-            times[n].append((time.perf_counter() - t0) * 1e3 / inner)
+            times[n].append((now() - t0) * 1e3 / inner)
     return times
 
 

@@ -10,7 +10,9 @@ adapter on the UNet and text-encoder attention (non-zero B, magnitudes off the b
 "toggled" (live layers) and "merged" (folded into the weights) outside the timed region. One measurement is a
 whole text-to-image call (text encoder, --steps UNet steps with classifier-free guidance, VAE decode). Variants
 run round-robin with the order rotated each round; ratios are medians over rounds of time(X)/time(base) within
-a round, so machine noise hits all variants alike. Absolute seconds are printed for reference only.
+a round, so machine noise hits all variants alike. Absolute seconds are printed for reference only. On the CPU
+the time is the process's CPU time (with --threads 1, the compute itself), which other work on a shared
+machine barely disturbs; on CUDA it is wall time after synchronizing.
 """
 
 from __future__ import annotations
@@ -80,14 +82,18 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (1: CPU time = compute)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
     hw = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name()
-    print(f"torch {torch.__version__} · {device} · {hw} · {torch.get_num_threads()} threads · {args.dtype}")
+    print(f"torch {torch.__version__} · {device} · {hw} · {args.threads} threads · {args.dtype}")
+    clock = time.perf_counter
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+        torch.set_num_threads(args.threads)
+        clock = time.process_time
 
     if args.quick:
         from dreambooth_dora.builtin.tiny import build_tiny_sd15
@@ -140,10 +146,10 @@ def main() -> None:
         for n in names[r % 3 :] + names[: r % 3]:
             prepare(n)
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             calls[n]()
             sync(device)
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(clock() - t0)
     rows = []
     for n in names:
         ratio = statistics.median(t / b for t, b in zip(times[n], times["base"], strict=True))
