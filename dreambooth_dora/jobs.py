@@ -68,6 +68,9 @@ def _view(job_id: str, run_dir: Path, status: str, pid: int | None, position: in
         kind = e.get("event")
         if kind == "step":
             view.step, view.total = e["step"], e["total"]
+            # a run resumed after a kill repeats the steps after its last checkpoint: keep the latest ones
+            while view.losses and view.losses[-1][0] >= e["step"]:
+                view.losses.pop()
             view.losses.append((e["step"], e["loss"]))
             view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
         elif kind == "samples":
@@ -76,7 +79,22 @@ def _view(job_id: str, run_dir: Path, status: str, pid: int | None, position: in
             view.checkpoints.append(e["step"])
         elif kind == "end":
             view.status, view.message = e["status"], e.get("message", "")
+        elif kind == "resumed":  # the previous run's end no longer describes the job
+            view.status, view.message = status, ""
     return view
+
+
+def _ended(run_dir: Path) -> bool:
+    """Whether the latest run of this job folder wrote its "end" event."""
+    kinds = [e.get("event") for e in _read_events(run_dir / "progress.jsonl")]
+    kinds = kinds[len(kinds) - kinds[::-1].index("resumed") :] if "resumed" in kinds else kinds
+    return "end" in kinds
+
+
+def _stop_message(run_dir: Path) -> str:
+    if any((run_dir / "checkpoints").glob("step-*")):
+        return "stopped; resume continues from the last checkpoint"
+    return "stopped before the first checkpoint; resume starts from step 0"
 
 
 def _die_with_parent() -> None:
@@ -94,7 +112,8 @@ class JobManager:
     """Starts, queues, stops and reports training jobs; thread-safe, one per server."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.runs = Path(data_dir) / "runs"
+        # Absolute: the worker runs with the repository as its working directory, not the server's.
+        self.runs = (Path(data_dir) / "runs").resolve()
         self.runs.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._queue: list[str] = []
@@ -130,10 +149,16 @@ class JobManager:
         return self.view(job_id)
 
     def resume(self, job_id: str) -> JobView:
-        """Queue a stopped job again; it continues from its last checkpoint."""
+        """Queue a stopped job again; it continues from its last checkpoint. A queued or running job is left
+        as it is (queueing it twice would train the same folder twice)."""
         run_dir = self.runs / job_id
+        with self._lock:
+            if job_id in self._queue or job_id in self._procs:
+                return self.view(job_id)
         state = json.loads((run_dir / "job.json").read_text())
-        state["config"]["resume_from_checkpoint"] = "latest"
+        # No checkpoint yet (stopped while loading): start over rather than fail on "latest".
+        has_checkpoint = any((run_dir / "checkpoints").glob("step-*"))
+        state["config"]["resume_from_checkpoint"] = "latest" if has_checkpoint else None
         (run_dir / "job.json").write_text(json.dumps(state, indent=1))
         with (run_dir / "progress.jsonl").open("a") as f:
             f.write(json.dumps({"event": "resumed"}) + "\n")
@@ -160,10 +185,10 @@ class JobManager:
         )
 
     def _reap(self) -> None:
+        # A job being stopped stays listed (as "stopping") until _finish_stop has recorded how it ended.
         for job_id, p in list(self._procs.items()):
-            if p.poll() is not None:
+            if p.poll() is not None and job_id not in self._stopping:
                 del self._procs[job_id]
-                self._stopping.discard(job_id)
 
     def view(self, job_id: str) -> JobView:
         with self._lock:
@@ -207,11 +232,14 @@ class JobManager:
             proc = self._procs.get(job_id)
             if proc is None or proc.poll() is not None:
                 return self.view(job_id)
+            if job_id in self._stopping:
+                return self.view(job_id)
             self._stopping.add(job_id)
             os.killpg(proc.pid, signal.SIGTERM)
-        threading.Thread(target=self._finish_stop, args=(job_id, proc), daemon=True).start()
         if wait:
-            proc.wait()
+            self._finish_stop(job_id, proc)
+        else:
+            threading.Thread(target=self._finish_stop, args=(job_id, proc), daemon=True).start()
         return self.view(job_id)
 
     def _finish_stop(self, job_id: str, proc: subprocess.Popen) -> None:
@@ -220,6 +248,14 @@ class JobManager:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        run_dir = self.runs / job_id
+        with self._lock:
+            # Killed before the trainer took over SIGTERM (still loading) or after the grace period: say so.
+            if not _ended(run_dir):
+                with (run_dir / "progress.jsonl").open("a") as f:
+                    f.write(json.dumps({"event": "end", "status": "stopped", "message": _stop_message(run_dir)}) + "\n")
+            self._procs.pop(job_id, None)
+            self._stopping.discard(job_id)
         self._wake.set()
 
     def shutdown(self) -> None:

@@ -312,3 +312,20 @@ def test_unknown_adapter_name_suggests():
         set_adapter_scale(m, "subjct", 0.5)
     with pytest.raises(AdapterError, match="already exists"):
         add_adapter(m, name="subject", rank=2, targets=["to_q"])
+
+
+@pytest.mark.parametrize("kind,axis", VARIANTS)
+def test_identity_at_init_on_unet_and_text_encoder(kind, axis, tiny_sd15):
+    """Injected but untrained adapters leave the real components' outputs unchanged (≤ 1e-6, fp32)."""
+    from dreambooth_dora.builtin.tiny import build_tiny_sd15
+
+    base = build_tiny_sd15()
+    add_adapter(tiny_sd15, kind=kind, rank=4, axis=axis)
+    ids = base.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    sample, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        te = (tiny_sd15.text_encoder(ids)[0] - base.text_encoder(ids)[0]).abs().max().item()
+        unet_a = tiny_sd15.unet(sample, 10, encoder_hidden_states=ctx).sample
+        unet = (unet_a - base.unet(sample, 10, encoder_hidden_states=ctx).sample).abs().max().item()
+    assert te <= 1e-6 and unet <= 1e-6, (te, unet)
