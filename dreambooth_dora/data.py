@@ -83,10 +83,12 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_si
     except UnidentifiedImageError as e:
         empty = path.stat().st_size == 0
         raise ImageFileError(path, "empty file (0 bytes)" if empty else "not an image (unrecognized content)") from e
-    except OSError as e:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise ImageFileError(
             path, f"cannot be read ({e.strerror or e})", "Check that the file exists and is readable."
         ) from e
+    except OSError as e:  # Pillow's decoders fail this way on a header cut short
+        raise ImageFileError(path, f"corrupt or truncated image ({e})") from e
     with img:
         pixels = img.width * img.height
         if pixels > max_pixels:

@@ -343,3 +343,18 @@ def test_bucketing_keeps_one_bucket_per_batch(tmp_path):
         assert batch["pixel_values"].shape[1:] == batch["class_pixel_values"].shape[1:] == (3, h, w)
     with pytest.raises(ValueError, match="one bucket"):
         collate([ds[0], ds[1]])
+
+
+def test_jpeg_cut_inside_its_header_is_called_truncated(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from dreambooth_dora.data import ImageFileError, load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[:120])
+    with pytest.raises(ImageFileError, match="corrupt or truncated"):
+        load_image(path)
