@@ -143,7 +143,7 @@ def build_ui(manager: JobManager, engine: Engine, data_dir: Path, notice: str) -
                     )
                     with gr.Row():
                         prior = gr.Checkbox(False, label="Prior preservation", info="keeps the class word general")
-                        class_prompt = gr.Textbox("a photo of dog", label="Class prompt", elem_id="class-prompt")
+                        class_prompt = gr.Textbox("a photo of a dog", label="Class prompt", elem_id="class-prompt")
                     with gr.Row():
                         preset = gr.Dropdown(
                             [NO_PRESET, *ub.list_presets()], value=NO_PRESET, label="Preset", elem_id="preset"

@@ -150,9 +150,10 @@ def copy_uploads(check: UploadCheck, dest: Path) -> list[Path]:
 
 
 def identifier_prompts(token: str, class_word: str) -> tuple[str, str]:
-    """("sks", "dog") → ("a photo of sks dog", "a photo of dog"): the instance and class prompts."""
+    """("sks", "dog") → ("a photo of sks dog", "a photo of a dog"): the instance and class prompts."""
     token, word = token.strip() or IDENTIFIER_TOKENS[0], class_word.strip() or "person"
-    return f"a photo of {token} {word}", f"a photo of {word}"
+    article = "an" if word[0].lower() in "aeiou" else "a"
+    return f"a photo of {token} {word}", f"a photo of {article} {word}"
 
 
 def list_presets(folder: Path = PRESETS_DIR) -> list[str]:

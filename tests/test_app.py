@@ -209,7 +209,7 @@ def test_journey_upload_train_generate_download_analyse(server, new_page, tmp_pa
     expect(page.locator("#upload-preview img")).to_have_count(4)
     page.locator("#class-word textarea").fill("heart")  # the identifier helper writes both prompts
     expect(page.locator("#instance-prompt textarea")).to_have_value("a photo of sks heart")
-    expect(page.locator("#class-prompt textarea")).to_have_value("a photo of heart")
+    expect(page.locator("#class-prompt textarea")).to_have_value("a photo of a heart")
     choose(page, "preset", re.compile("tiny_smoke"))  # a preset fills the settings…
     expect(page.locator("#steps input")).to_have_value("20")
     expect(page.locator("#preset-info")).to_contain_text("Smoke test")  # …and says what it is for

@@ -102,7 +102,8 @@ def test_build_config_from_the_form_and_presets():
 
 
 def test_identifier_prompts():
-    assert ub.identifier_prompts("ohwx", " cat ") == ("a photo of ohwx cat", "a photo of cat")
+    assert ub.identifier_prompts("ohwx", " cat ") == ("a photo of ohwx cat", "a photo of a cat")
+    assert ub.identifier_prompts("sks", "owl")[1] == "a photo of an owl"
 
 
 def test_progress_text_says_what_is_happening(tmp_path):
