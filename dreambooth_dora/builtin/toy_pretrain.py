@@ -171,15 +171,33 @@ def encode_all(vae, images) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(text, unet, latents, scenes, tokenizer, work: Path, steps: int, log) -> None:
+def train_unet(
+    text,
+    unet,
+    latents,
+    scenes,
+    tokenizer,
+    work: Path,
+    steps: int,
+    log,
+    *,
+    phase: str = "unet",
+    lr: float = 6e-4,
+    noise_offset: float = 0.0,
+) -> None:
     """Text encoder + UNet from the diffusion loss; captions are drawn afresh for every sample (optional words
-    and the 10 % empty caption for classifier-free guidance vary)."""
+    and the 10 % empty caption for classifier-free guidance vary). ``phase`` names the checkpoint file, so a
+    second phase (offset noise) continues from the first."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(text.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=6e-4, weight_decay=1e-2, fused=True)
-    state = _load(work, "unet.pt")
+    state = _load(work, f"{phase}.pt")
+    if state is None and phase != "unet":  # a later phase starts from the main run's final weights
+        first = _load(work, "unet.pt")
+        text.load_state_dict(first["text"])
+        unet.load_state_dict(first["unet"])
     if state is not None:
         text.load_state_dict(state["text"])
         unet.load_state_dict(state["unet"])
@@ -187,17 +205,19 @@ def train_unet(text, unet, latents, scenes, tokenizer, work: Path, steps: int, l
             return
         opt.load_state_dict(state["opt"])
     step = state["step"] if state else 0
-    progress = _Progress("unet", steps, step, log)
+    progress = _Progress(phase, steps, step, log)
     text.train()
     unet.train()
     while step < steps:
         g = torch.Generator().manual_seed(2_000_000 + step)
         caption_rng = np.random.default_rng(3_000_000 + step)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 6e-4)
+            group["lr"] = _lr(step, steps, lr)
         idx = torch.randint(0, len(latents), (32,), generator=g)
         z = latents[idx]
         noise = torch.randn(z.shape, generator=g)
+        if noise_offset:  # per-image, per-channel shifts: lets the model move an image's mean (its background)
+            noise = noise + noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g)
         t = torch.randint(0, 1000, (32,), generator=g)
         captions = [toy_world.caption(scenes[i], caption_rng) for i in idx.tolist()]
         ids = tokenizer(
@@ -212,8 +232,8 @@ def train_unet(text, unet, latents, scenes, tokenizer, work: Path, steps: int, l
         step += 1
         if progress.step(step, loss.item(), f"lr {opt.param_groups[0]['lr']:.2e} "):
             state = {"text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(), "step": step}
-            _save(work, "unet.pt", state)
-    _save(work, "unet.pt", {"text": text.state_dict(), "unet": unet.state_dict(), "step": step, "finished": True})
+            _save(work, f"{phase}.pt", state)
+    _save(work, f"{phase}.pt", {"text": text.state_dict(), "unet": unet.state_dict(), "step": step, "finished": True})
 
 
 def assemble(vae, text, unet, tokenizer):
@@ -247,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--decoder-steps", type=int, default=500)
     p.add_argument("--unet-steps", type=int, default=7000)
+    p.add_argument("--offset-steps", type=int, default=0, help="then continue with noise offset 0.1 (lr 2e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work (otherwise it must be empty)")
     a = p.parse_args(argv)
@@ -278,6 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     latents = latents * vae.config.scaling_factor
     log(f"latents {tuple(latents.shape)} scaling_factor {vae.config.scaling_factor:.4f}")
     train_unet(text, unet, latents, scenes, tokenizer, a.work, a.unet_steps, log)
+    if a.offset_steps:
+        train_unet(
+            text,
+            unet,
+            latents,
+            scenes,
+            tokenizer,
+            a.work,
+            a.offset_steps,
+            log,
+            phase="offset",
+            lr=2e-4,
+            noise_offset=0.1,
+        )
     pipe = assemble(vae, text, unet, tokenizer).to(torch.float16)
     pipe.save_pretrained(a.out, safe_serialization=True)
     (a.out / "toy_world.json").write_text(
