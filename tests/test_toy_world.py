@@ -216,3 +216,25 @@ def test_is_subject_rejects_near_misses() -> None:
     ]
     assert tw.is_subject(tw.render(base))
     assert not any(tw.is_subject(tw.render(scene)) for scene in near_misses)
+
+
+def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
+    """The shipped offline default: a standard diffusers folder that draws the asked object colour."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_dora.builtin import TOY_BASE_DIR
+    from dreambooth_dora.models import load_pipeline
+
+    stock = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR, local_files_only=True)
+    assert stock.unet.config.sample_size == 16 and stock.vae_scale_factor == 4
+    pipe = load_pipeline("builtin:toy")
+    pipe.set_progress_bar_config(disable=True)
+    colours = ["red", "blue", "yellow", "white", "black", "purple", "orange", "green"]
+    prompts = [f"a large {c} square" for c in colours]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    with torch.no_grad():
+        images = pipe(prompts, num_inference_steps=12, guidance_scale=5.0, generator=gens).images
+    assert images[0].size == (64, 64)
+    hits = sum(tw.evaluate(img).colour == c for img, c in zip(images, colours, strict=True))
+    assert hits >= 6, f"only {hits}/8 objects in the asked colour"
