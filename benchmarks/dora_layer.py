@@ -187,6 +187,23 @@ def fake_update(params: list) -> None:
             p.grad = None
 
 
+def print_header(title: str, args, device: torch.device) -> None:
+    """Set the thread count (--threads; 1 with --quick) and print the title, exact command and environment."""
+    import diffusers
+    import peft
+    import transformers
+
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
+    print(f"# {title}\n\n`python {shlex.join(sys.argv)}`\n")
+    print(
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}; device {args.device} ({dev}), dtype {args.dtype}, "
+        f"threads {torch.get_num_threads()}\n"
+    )
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -378,20 +395,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     args.target_ms = args.target_ms or (5.0 if device.type == "cuda" else pick(10.0, 40.0))
-    if args.threads or args.quick:
-        torch.set_num_threads(args.threads or 1)
-
-    import diffusers
-    import peft
-    import transformers
-
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
-    print(f"# DoRA benchmark\n\n`python {shlex.join(sys.argv)}`\n")
-    print(
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}; device {args.device} ({dev}), dtype {args.dtype}, "
-        f"threads {torch.get_num_threads()}\n"
-    )
+    print_header("DoRA benchmark", args, device)
     print(
         "oD = ours DoRA, oL = ours LoRA, pD = peft DoRA, pL = peft LoRA. Ratios are medians of per-round "
         "ratios; absolute ms are for reference only."

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import warnings
@@ -55,8 +54,8 @@ from dora_layer import (  # noqa: E402
     adapt,
     autocast,
     bench,
-    cpu_name,
     peak_mib,
+    print_header,
     ratio,
     table,
 )
@@ -217,20 +216,7 @@ def main() -> None:
         ap.error(f"--resolution {args.resolution}: use a multiple of {multiple} (e.g. 128, 512, 1024)")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.steps = args.steps or 5
-    if args.threads or args.quick:
-        torch.set_num_threads(args.threads or 1)
-
-    import diffusers
-    import peft
-    import transformers
-
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
-    print(f"# DreamBooth training step: DoRA vs LoRA, ours vs peft\n\n`python {shlex.join(sys.argv)}`\n")
-    print(
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}; device {args.device} ({dev}), dtype {args.dtype}, "
-        f"threads {torch.get_num_threads()}\n"
-    )
+    print_header("DreamBooth training step: DoRA vs LoRA, ours vs peft", args, device)
     base = build(args, device, dtype)
     variants = make_variants(base, args)
     shape = ("down-scaled (--quick) " if args.quick else "") + ("SDXL" if args.sdxl else "SD1.5") + "-shaped"
