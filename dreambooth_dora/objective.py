@@ -116,9 +116,10 @@ def diffusion_loss(
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=snr_gamma) / snr
         if scheduler.config.prediction_type == "v_prediction":
             weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
+        else:  # min(snr, γ)/snr, taken as 1 where a zero-terminal-SNR schedule reaches snr = 0
+            weight = torch.where(snr > 0, torch.clamp(snr, max=snr_gamma) / snr.clamp(min=1e-12), 1.0)
         per_sample = per_sample * weight
     n = b - num_prior
     loss = per_sample[:n].mean()
