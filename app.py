@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth", metavar="USER:PASS", help="require this login")
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--base", help=f"base model (default {DEFAULT_BASE})")
-    p.add_argument("--data-dir", type=Path, default=Path("runs"), help="where runs, adapters and images go")
+    p.add_argument("--data-dir", type=Path, default=Path("outputs/app"), help="where runs, adapters and images go")
     args = p.parse_args(argv)
     auth = None
     if args.auth is not None:

@@ -10,9 +10,10 @@ trained adapter is then measured with the exact toy evaluator (builtin/toy_eval.
   prompt fidelity   — the same images with the asked background (%);
   drift             — class prompts "a heart on a {bg} background" that show the subject anyway (%; lower is
                       better: the class stays ordinary).
-The table gives mean ± std over seeds per (kind, lr); the ΔM/ΔD plot and per-run slopes come from
-dreambooth_dora.analysis over the best lr of each kind (does DoRA show the paper's negative slope, LoRA a
-positive one?). Outputs go to --out (default outputs/toy_quality).
+The table gives mean ± std over seeds per (kind, lr); the ΔM/ΔD plots and per-run slopes (pooled over steps, and
+within steps: across layers at the same step) come from dreambooth_dora.analysis over the best lr of each kind,
+for all adapted layers and for the UNet query projections the paper plots (does DoRA show the paper's negative
+slope, LoRA a positive one?). Outputs go to --out (default outputs/toy_quality).
 """
 
 from __future__ import annotations
@@ -103,13 +104,23 @@ def main() -> None:
         if kind not in best or fidelity > best[kind][1]:
             best[kind] = (lr, fidelity)
     chosen = [run for kind, (lr, _) in best.items() for run in runs[(kind, lr)]]
-    analysis = analyze_runs(chosen, args.out / "analysis")
-    print("\nΔM/ΔD fitted slopes (best lr per kind):")
-    for name, slope in analysis.slopes.items():
-        print(f"  {name}: {slope:+.3f}")
-    print(f"plot: {analysis.png_path}")
+    kind_of = {run.resolve().name: kind for kind, (lr, _) in best.items() for run in runs[(kind, lr)]}
+    slopes = {}
+    # The DoRA paper plots ΔM against ΔD for the query projections; "all" pools every adapted layer.
+    for label, layers in (("all adapted layers", None), ("UNet queries (to_q)", "to_q")):
+        analysis = analyze_runs(chosen, args.out / f"analysis_{layers or 'all'}", layers=layers)
+        slopes[label] = {"pooled": analysis.slopes, "within steps": analysis.within_slopes}
+        print(f"\nΔM/ΔD slope, {label} (best lr per kind; plot {analysis.png_path}):")
+        print("| kind | lr | pooled, per seed | within steps, per seed | negative within steps |")
+        print("|---|---:|---|---|---:|")
+        for kind, (lr, _) in best.items():
+            pooled = [v for name, v in analysis.slopes.items() if kind_of[name] == kind]
+            within = [v for name, v in analysis.within_slopes.items() if kind_of[name] == kind]
+            cells = [", ".join(f"{v:+.3g}" for v in vals) for vals in (pooled, within)]
+            print(f"| {kind} | {lr:g} | {cells[0]} | {cells[1]} | {sum(v < 0 for v in within)}/{len(within)} |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     (args.out / "results.json").write_text(
-        json.dumps({f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"slopes": analysis.slopes}, indent=1)
+        json.dumps({f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"slopes": slopes}, indent=1)
     )
 
 

@@ -19,6 +19,11 @@ writes ``output_dir/intermediate/step-NNNNNN.safetensors``), writes the numbers 
 ΔD, one panel per run, with the least-squares slope: the paper finds it negative for DoRA (large direction
 changes come with small magnitude changes and vice versa, as in full fine-tuning) and positive for LoRA
 (both change together).
+
+Two slopes per run: the pooled one fits every (layer, step) point at once, so it also carries training progress
+(both ΔM and ΔD grow with steps, which pushes it positive for every method); the within-step one first removes
+each step's mean ΔD and ΔM, so it compares layers with each other at the same point of training — the trade-off
+the paper describes.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class RunAnalysis:
     steps: dict[int, list[LayerStats]]
     slope: float  # nan when fewer than two distinct ΔD values are available to fit
     intercept: float
+    within_slope: float = float("nan")  # the same fit after removing each step's mean ΔD and ΔM
 
     def mean_at(self, step: int) -> tuple[float, float]:
         """(ΔM, ΔD) at ``step``, averaged over the layers."""
@@ -82,6 +88,10 @@ class AnalysisResult:
     @property
     def slopes(self) -> dict[str, float]:
         return {run.name: run.slope for run in self.runs}
+
+    @property
+    def within_slopes(self) -> dict[str, float]:
+        return {run.name: run.within_slope for run in self.runs}
 
 
 @torch.no_grad()
@@ -136,14 +146,33 @@ def _selected(layer: str, pattern: str | None) -> bool:
     return fnmatch.fnmatchcase(layer, pattern) if any(c in pattern for c in "*?[") else pattern in layer
 
 
-def _fit(run_steps: dict[int, list[LayerStats]]) -> tuple[float, float]:
-    """Least-squares line ΔM = slope·ΔD + intercept over all layers of all steps > 0."""
-    points = [(s.delta_d, s.delta_m) for step, stats in run_steps.items() if step > 0 for s in stats]
-    x, y = np.array(points, dtype=np.float64).reshape(-1, 2).T
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     if len(x) < 2 or np.ptp(x) == 0:
         return float("nan"), float("nan")
     slope, intercept = np.polyfit(x, y, 1)
     return float(slope), float(intercept)
+
+
+def _points(run_steps: dict[int, list[LayerStats]], centred: bool) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for step, stats in run_steps.items():
+        if step == 0 or not stats:
+            continue
+        x = np.array([s.delta_d for s in stats], dtype=np.float64)
+        y = np.array([s.delta_m for s in stats], dtype=np.float64)
+        xs.append(x - x.mean() if centred else x)
+        ys.append(y - y.mean() if centred else y)
+    return (np.concatenate(xs), np.concatenate(ys)) if xs else (np.zeros(0), np.zeros(0))
+
+
+def _fit(run_steps: dict[int, list[LayerStats]]) -> tuple[float, float]:
+    """Least-squares line ΔM = slope·ΔD + intercept over all layers of all steps > 0."""
+    return _line(*_points(run_steps, centred=False))
+
+
+def within_step_slope(run_steps: dict[int, list[LayerStats]]) -> float:
+    """Slope of ΔM on ΔD across layers at the same step: each step's points centred, then one pooled fit."""
+    return _line(*_points(run_steps, centred=True))[0]
 
 
 def analyze_runs(run_dirs: list[Path], out_dir: Path, *, layers: str | None = None) -> AnalysisResult:
@@ -188,7 +217,9 @@ def analyze_runs(run_dirs: list[Path], out_dir: Path, *, layers: str | None = No
                     raise AnalysisError(f"--layers {layers!r} matches no adapted layer of {run.dir}; e.g. {some}")
                 steps[i][step] = kept
         del pipe  # free this base before the next one loads
-    results = [RunAnalysis(n, r.kind, s, *_fit(s)) for n, r, s in zip(names, runs, steps, strict=True)]
+    results = [
+        RunAnalysis(n, r.kind, s, *_fit(s), within_step_slope(s)) for n, r, s in zip(names, runs, steps, strict=True)
+    ]
     out_dir.mkdir(parents=True, exist_ok=True)
     result = AnalysisResult(results, out_dir / "decomposition.csv", out_dir / "decomposition.png")
     _write_csv(results, result.csv_path)
@@ -230,7 +261,7 @@ def _plot(runs: list[RunAnalysis], path: Path, layers: str | None) -> None:
             xs = np.linspace(x.min(), x.max(), 2)
             ax.plot(xs, run.slope * xs + run.intercept, color="crimson", lw=1.5, label="least squares")
             ax.legend(loc="best", fontsize="small")
-            fit = f"slope {run.slope:+.3g}"
+            fit = f"slope {run.slope:+.3g}, within steps {run.within_slope:+.3g}"
         label = _KIND_LABELS[run.kind]
         name = label if run.name.lower() == run.kind else f"{run.name} ({label})"
         ax.set_title(f"{name}\n{fit}", fontsize="medium")
@@ -255,11 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     except AnalysisError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{'run':<24} {'kind':<5} {'steps':>5} {'slope':>11} {'ΔM last':>11} {'ΔD last':>11}")
+    print(f"{'run':<24} {'kind':<5} {'steps':>5} {'slope':>11} {'within':>11} {'ΔM last':>11} {'ΔD last':>11}")
     for run in result.runs:
         last = max(run.steps)
         dm, dd = run.mean_at(last)
-        print(f"{run.name:<24} {run.kind:<5} {len(run.steps):>5} {run.slope:>11.4g} {dm:>11.4g} {dd:>11.4g}")
+        print(
+            f"{run.name:<24} {run.kind:<5} {len(run.steps):>5} {run.slope:>11.4g} {run.within_slope:>11.4g} "
+            f"{dm:>11.4g} {dd:>11.4g}"
+        )
     print(f"wrote {result.csv_path}\nwrote {result.png_path}")
     return 0
 

@@ -382,7 +382,10 @@ def run_analysis(data_dir: Path, job_ids: list[str], busy: set[str]) -> tuple[Pa
         raise AnalysisError("choose at least one run (runs appear here once they have saved intermediate adapters)")
     out = data_dir / "analysis" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     result = analyze_runs(chosen, out)
-    lines = ["| run | kind | slope of ΔM over ΔD |", "|---|---|---|"]
-    lines += [f"| {r.name} | {r.kind} | {r.slope:.4g} |" for r in result.runs]
-    lines.append("\nThe DoRA paper finds the slope negative for DoRA and positive for LoRA (§2.2, Fig. 2).")
+    lines = ["| run | kind | slope of ΔM over ΔD | within steps (across layers) |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.kind} | {r.slope:.4g} | {r.within_slope:.4g} |" for r in result.runs]
+    lines.append(
+        "\nThe DoRA paper finds the slope negative for DoRA and positive for LoRA (§2.2, Fig. 2). The pooled slope"
+        " also carries training progress (both grow with steps); the within-step one compares layers at the same step."
+    )
     return result.png_path, "\n".join(lines)

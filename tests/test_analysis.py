@@ -115,6 +115,21 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_within_step_slope_separates_layers_from_training_progress():
+    """Two steps whose layers trade magnitude for direction (ΔM = c − 2·ΔD within each step) while both grow
+    with training: pooled, the slope is positive; within steps it is exactly −2."""
+    from dreambooth_dora.analysis import LayerStats, _fit, within_step_slope
+
+    steps = {
+        0: [LayerStats("a", 0.0, 0.0), LayerStats("b", 0.0, 0.0)],
+        10: [LayerStats("a", 1.0 - 2 * 0.1, 0.1), LayerStats("b", 1.0 - 2 * 0.2, 0.2)],
+        20: [LayerStats("a", 5.0 - 2 * 1.0, 1.0), LayerStats("b", 5.0 - 2 * 1.1, 1.1)],
+    }
+    assert _fit(steps)[0] > 0
+    assert within_step_slope(steps) == pytest.approx(-2.0)
+    assert math.isnan(within_step_slope({0: steps[0]}))
+
+
 def test_analyze_two_runs(runs, tmp_path):
     result = analyze_runs([runs["dora"], runs["lora"]], tmp_path / "out")
     rows = _rows(result.csv_path)
@@ -135,6 +150,7 @@ def test_analyze_two_runs(runs, tmp_path):
         assert len(mine) == 4 * len(layers)
     assert set(result.slopes) == {"dora", "lora"}
     assert all(math.isfinite(s) for s in result.slopes.values())
+    assert all(math.isfinite(s) for s in result.within_slopes.values())
     with Image.open(result.png_path) as image:
         image.verify()
         assert image.format == "PNG" and image.width > image.height > 200
