@@ -219,7 +219,8 @@ def test_is_subject_rejects_near_misses() -> None:
 
 
 def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
-    """The shipped offline default: a standard diffusers folder that draws the asked object colour."""
+    """The shipped offline default: a standard diffusers folder that draws the asked object and background
+    colours (the background comes from the prompt, not from the initial noise: zero-terminal-SNR schedule)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -228,13 +229,19 @@ def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
 
     stock = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR, local_files_only=True)
     assert stock.unet.config.sample_size == 16 and stock.vae_scale_factor == 4
+    assert stock.scheduler.config.rescale_betas_zero_snr and stock.scheduler.config.timestep_spacing == "trailing"
     pipe = load_pipeline("builtin:toy")
     pipe.set_progress_bar_config(disable=True)
     colours = ["red", "blue", "yellow", "white", "black", "purple", "orange", "green"]
-    prompts = [f"a large {c} square" for c in colours]
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    backgrounds = colours[3:] + colours[:3]  # never the object's own colour
+    prompts = [f"a large {c} square on a {bg} background" for c, bg in zip(colours, backgrounds, strict=True)]
+    # One seed for all: the same initial noise must give eight different backgrounds.
+    gens = [torch.Generator().manual_seed(0) for _ in prompts]
     with torch.no_grad():
         images = pipe(prompts, num_inference_steps=12, guidance_scale=5.0, generator=gens).images
     assert images[0].size == (64, 64)
-    hits = sum(tw.evaluate(img).colour == c for img, c in zip(images, colours, strict=True))
-    assert hits >= 6, f"only {hits}/8 objects in the asked colour"
+    read = [tw.evaluate(img) for img in images]
+    hits = sum(r.colour == c for r, c in zip(read, colours, strict=True))
+    assert hits >= 6, f"only {hits}/8 objects in the asked colour: {[r.colour for r in read]}"
+    bg_hits = sum(r.background == bg for r, bg in zip(read, backgrounds, strict=True))
+    assert bg_hits >= 7, f"only {bg_hits}/8 backgrounds as asked: {[r.background for r in read]}"
