@@ -9,7 +9,7 @@ trained adapter is then measured with the exact toy evaluator (builtin/toy_eval.
   subject fidelity  — identifier prompts "a sks heart on a {bg} background" showing the subject (%);
   prompt fidelity   — the same images with the asked background (%);
   drift             — class prompts "a heart on a {bg} background" that show the subject anyway (%; lower is
-                      better: the class stays ordinary).
+                      better), and that still draw an ordinary heart (%; compare with the base model's row).
 The table gives mean ± std over seeds per (kind, lr); the ΔM/ΔD plots and per-run slopes (pooled over steps, and
 within steps: across layers at the same step) come from dreambooth_dora.analysis over the best lr of each kind,
 for all adapted layers and for the UNet query projections the paper plots (does DoRA show the paper's negative
@@ -42,6 +42,7 @@ METRICS = {
     "asked bg %": "identifier: asked background %",
     "drift %": "class prompt: subject appears % (drift)",
     "class bg %": "class prompt: asked background %",
+    "class: ordinary heart %": "class prompt: ordinary heart %",
 }
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     base_cfg = load_config(ROOT / "training_configs" / "toy_subject.yaml")
     class_dir = args.out / "class_images"  # shared by every run: generated once
     pipe = load_pipeline(base_cfg.base_model)
+    base_rates, _ = evaluate_subject(pipe, args.samples, seed=10_000)  # the same prompts without any adapter
     results: dict[tuple[str, float], list[dict]] = {}
     runs: dict[tuple[str, float], list[Path]] = {}
     t0 = time.perf_counter()
@@ -103,6 +105,7 @@ def main() -> None:
         fidelity = statistics.mean(r[METRICS["subject %"]] for r in rs)
         if kind not in best or fidelity > best[kind][1]:
             best[kind] = (lr, fidelity)
+    print("| base model, no adapter | – | " + " | ".join(f"{base_rates[k]:.1f}" for k in METRICS.values()) + " |")
     chosen = [run for kind, (lr, _) in best.items() for run in runs[(kind, lr)]]
     kind_of = {run.resolve().name: kind for kind, (lr, _) in best.items() for run in runs[(kind, lr)]}
     slopes = {}
@@ -120,7 +123,9 @@ def main() -> None:
             print(f"| {kind} | {lr:g} | {cells[0]} | {cells[1]} | {sum(v < 0 for v in within)}/{len(within)} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     (args.out / "results.json").write_text(
-        json.dumps({f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"slopes": slopes}, indent=1)
+        json.dumps(
+            {f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"base": base_rates, "slopes": slopes}, indent=1
+        )
     )
 
 

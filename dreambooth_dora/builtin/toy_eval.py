@@ -7,7 +7,7 @@ Base quality: prompts "a {colour} {shape} on a {background} background" for rand
 distribution → % correct background, object colour, shape, and all three; the same for colour×shape pairs held
 out of pretraining (composition, not memorisation). With an adapter: identifier prompts "a sks heart on a {bg}
 background" → % showing the subject, % with the asked background; class prompts "a heart on a {bg} background"
-→ % still ordinary (no subject: the drift check) and following the prompt.
+→ % showing the subject anyway (the drift check), % with the asked background, % drawing an ordinary heart.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sampl
         pred = tw.evaluate(img)
         asked = tw.parse_caption(prompt)
         c = {"background": pred.background == asked["background"], "subject": tw.is_subject(pred)}
+        c["ordinary heart"] = pred.shape == "heart" and not c["subject"]
         samples.append(Sample(prompt, img, c))
     ident_s, class_s = samples[:n], samples[n:]
     rates = {
@@ -96,6 +97,7 @@ def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sampl
         "identifier: asked background %": _rates(ident_s, ("background",))["background"],
         "class prompt: subject appears % (drift)": _rates(class_s, ("subject",))["subject"],
         "class prompt: asked background %": _rates(class_s, ("background",))["background"],
+        "class prompt: ordinary heart %": _rates(class_s, ("ordinary heart",))["ordinary heart"],
     }
     return rates, samples
 
