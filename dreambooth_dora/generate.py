@@ -57,7 +57,9 @@ def _schedulers() -> dict[str, tuple[type, dict]]:
         "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {**dpm, "use_karras_sigmas": True}),
         "euler": (EulerDiscreteScheduler, {}),
         "euler_a": (EulerAncestralDiscreteScheduler, {}),
-        "ddim": (DDIMScheduler, {}),
+        # DDIM's own default clips predicted latents to [-1, 1], which only suits pixel-space models; a base whose
+        # saved scheduler is not DDIM (builtin:toy's DPM-Solver) would inherit that default and draw nothing.
+        "ddim": (DDIMScheduler, {"clip_sample": False}),
         "unipc": (UniPCMultistepScheduler, {}),
     }
 

@@ -245,3 +245,17 @@ def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
     assert hits >= 6, f"only {hits}/8 objects in the asked colour: {[r.colour for r in read]}"
     bg_hits = sum(r.background == bg for r, bg in zip(read, backgrounds, strict=True))
     assert bg_hits >= 7, f"only {bg_hits}/8 backgrounds as asked: {[r.background for r in read]}"
+
+
+def test_every_scheduler_of_the_generate_tab_draws_the_asked_scene_on_builtin_toy():
+    """builtin:toy's schedule (zero terminal SNR, v-prediction, trailing steps) must carry over to every
+    scheduler a user can pick (DDIM once clipped the latents and drew nothing)."""
+    from dreambooth_dora.generate import SCHEDULER_NAMES, Settings, Studio
+
+    studio = Studio("builtin:toy")
+    prompt = "a white cross on a black background"
+    for name in SCHEDULER_NAMES:
+        settings = Settings(prompt=prompt, steps=16, guidance=5.0, seed=0, num_images=4, scheduler=name)
+        images = [g.image for g in studio.generate(settings)]
+        correct = sum(tw.check_caption(image, prompt)["all"] for image in images)
+        assert correct >= 3, f"scheduler {name}: {correct}/4 images show {prompt!r}"

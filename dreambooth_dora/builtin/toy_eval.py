@@ -85,11 +85,12 @@ def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sampl
     ident = [f"a {tw.SUBJECT_TOKEN} heart on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
     klass = [f"a heart on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
     samples = []
-    for prompt, img in zip(ident + klass, generate(pipe, ident + klass, seed), strict=True):
+    for i, (prompt, img) in enumerate(zip(ident + klass, generate(pipe, ident + klass, seed), strict=True)):
         pred = tw.evaluate(img)
         asked = tw.parse_caption(prompt)
         c = {"background": pred.background == asked["background"], "subject": tw.is_subject(pred)}
-        c["ordinary heart"] = pred.shape == "heart" and not c["subject"]
+        if i >= n:  # class prompts: an ordinary heart is what the base model would draw
+            c["ordinary heart"] = pred.shape == "heart" and not c["subject"]
         samples.append(Sample(prompt, img, c))
     ident_s, class_s = samples[:n], samples[n:]
     rates = {
