@@ -107,7 +107,6 @@ def main() -> None:
             best[kind] = (lr, fidelity)
     print("| base model, no adapter | – | " + " | ".join(f"{base_rates[k]:.1f}" for k in METRICS.values()) + " |")
     chosen = [run for kind, (lr, _) in best.items() for run in runs[(kind, lr)]]
-    kind_of = {run.resolve().name: kind for kind, (lr, _) in best.items() for run in runs[(kind, lr)]}
     slopes = {}
     # The DoRA paper plots ΔM against ΔD for the query projections; "all" pools every adapted layer.
     for label, layers in (("all adapted layers", None), ("UNet queries (to_q)", "to_q")):
@@ -117,8 +116,8 @@ def main() -> None:
         print("| kind | lr | pooled, per seed | within steps, per seed | negative within steps |")
         print("|---|---:|---|---|---:|")
         for kind, (lr, _) in best.items():
-            pooled = [v for name, v in analysis.slopes.items() if kind_of[name] == kind]
-            within = [v for name, v in analysis.within_slopes.items() if kind_of[name] == kind]
+            pooled = [run.slope for run in analysis.runs if run.kind == kind]
+            within = [run.within_slope for run in analysis.runs if run.kind == kind]
             cells = [", ".join(f"{v:+.3g}" for v in vals) for vals in (pooled, within)]
             print(f"| {kind} | {lr:g} | {cells[0]} | {cells[1]} | {sum(v < 0 for v in within)}/{len(within)} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
