@@ -23,14 +23,21 @@ from pathlib import Path
 
 import gradio as gr
 
-from dreambooth_dora import ui_backend as ub
-from dreambooth_dora.analysis import AnalysisError
-from dreambooth_dora.config import ConfigError
-from dreambooth_dora.data import DataError
-from dreambooth_dora.generate import SCHEDULER_NAMES, AdapterChoice, GenerationError, Settings, Studio, save_images
-from dreambooth_dora.inject import AdapterError
-from dreambooth_dora.jobs import JobManager
-from dreambooth_dora.models import BUILTIN_NAMES, ModelLoadError
+from dreambooth_dora.adapters.inject import AdapterError
+from dreambooth_dora.app import backend as ub
+from dreambooth_dora.app.jobs import JobManager
+from dreambooth_dora.sd.pipelines import BUILTIN_NAMES, ModelLoadError
+from dreambooth_dora.tools.analysis import AnalysisError
+from dreambooth_dora.tools.generate import (
+    SCHEDULER_NAMES,
+    AdapterChoice,
+    GenerationError,
+    Settings,
+    Studio,
+    save_images,
+)
+from dreambooth_dora.training.config import ConfigError
+from dreambooth_dora.training.data import DataError
 
 DEFAULT_BASE = "builtin:toy"
 FALLBACK_BASE = "builtin:tiny-sd15"

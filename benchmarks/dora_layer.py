@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from dreambooth_dora.dora import AdaptedLinear  # noqa: E402
-from dreambooth_dora.inject import add_adapter  # noqa: E402
+from dreambooth_dora.adapters.inject import add_adapter  # noqa: E402
+from dreambooth_dora.adapters.layers import AdaptedLinear  # noqa: E402
 
 VARIANTS = (("oD", "ours", "dora"), ("oL", "ours", "lora"), ("pD", "peft", "dora"), ("pL", "peft", "lora"))
 REF = "oL"

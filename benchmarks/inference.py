@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.dora_layer import cpu_name, sync, table  # noqa: E402
-from dreambooth_dora.inject import adapter_layers, add_adapter, merge_adapters, unmerge_adapters  # noqa: E402
+from dreambooth_dora.adapters.inject import adapter_layers, add_adapter, merge_adapters, unmerge_adapters  # noqa: E402
 
 
 def sd15_shaped_pipeline(resolution: int, dtype: torch.dtype):
@@ -37,7 +37,7 @@ def sd15_shaped_pipeline(resolution: int, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth_dora.builtin.tiny import load_tokenizer
+    from dreambooth_dora.sd.fixtures import load_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=resolution // 8, cross_attention_dim=768, attention_head_dim=8)
@@ -96,7 +96,7 @@ def main() -> None:
         clock = time.process_time
 
     if args.quick:
-        from dreambooth_dora.builtin.tiny import build_tiny_sd15
+        from dreambooth_dora.sd.fixtures import build_tiny_sd15
 
         base = build_tiny_sd15()
         base = base if dtype == torch.float32 else base.to(dtype=dtype)

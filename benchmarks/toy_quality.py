@@ -28,13 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_dora.adapter_io import load_adapter  # noqa: E402
-from dreambooth_dora.analysis import analyze_runs  # noqa: E402
-from dreambooth_dora.builtin.toy_eval import evaluate_subject  # noqa: E402
-from dreambooth_dora.config import load_config  # noqa: E402
-from dreambooth_dora.inject import remove_adapter  # noqa: E402
-from dreambooth_dora.models import load_pipeline  # noqa: E402
-from dreambooth_dora.train import train  # noqa: E402
+from dreambooth_dora.adapters.inject import remove_adapter  # noqa: E402
+from dreambooth_dora.adapters.io import load_adapter  # noqa: E402
+from dreambooth_dora.sd.pipelines import load_pipeline  # noqa: E402
+from dreambooth_dora.tools.analysis import analyze_runs  # noqa: E402
+from dreambooth_dora.toy.eval import evaluate_subject  # noqa: E402
+from dreambooth_dora.training.config import load_config  # noqa: E402
+from dreambooth_dora.training.loop import train  # noqa: E402
 
 LR_GRID = {"dora": (5e-4, 1e-3), "lora": (5e-4, 1e-3), "full": (5e-5, 1e-4)}
 METRICS = {

@@ -60,8 +60,8 @@ from dora_layer import (  # noqa: E402
     table,
 )
 
-from dreambooth_dora.builtin.tiny import NOISE_SCHEDULE, load_tokenizer  # noqa: E402
-from dreambooth_dora.objective import (  # noqa: E402
+from dreambooth_dora.sd.fixtures import NOISE_SCHEDULE, load_tokenizer  # noqa: E402
+from dreambooth_dora.training.objective import (  # noqa: E402
     diffusion_loss,
     encode_images,
     encode_prompts,

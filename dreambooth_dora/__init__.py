@@ -1,34 +1,40 @@
 """dreambooth-dora: DreamBooth personalization of Stable Diffusion with DoRA adapters.
 
-The public Python API. Names are imported lazily so that ``import dreambooth_dora.dora`` stays light.
+The public Python API. Names are imported lazily so that ``import dreambooth_dora`` stays light (the command-line
+entry points set the CPU threading policy before torch loads). The layers and their import rule are described in
+docs/ARCHITECTURE.md.
 """
 
 from importlib import import_module
 
+from dreambooth_dora import _legacy
+
 _EXPORTS = {
-    "AdapterError": "inject",
-    "AdapterFileError": "adapter_io",
-    "ModelLoadError": "models",
-    "Studio": "generate",
-    "add_adapter": "inject",
-    "analyze_runs": "analysis",
-    "bake_adapters": "inject",
-    "describe_architecture": "models",
-    "disable_adapters": "inject",
-    "export_merged": "export",
-    "export_svd_lora": "export",
-    "list_adapters": "inject",
-    "load_adapter": "adapter_io",
-    "load_pipeline": "models",
-    "merge_adapters": "inject",
-    "remove_adapter": "inject",
-    "save_adapter": "adapter_io",
-    "set_adapter_enabled": "inject",
-    "set_adapter_scale": "inject",
-    "train": "train",
-    "unmerge_adapters": "inject",
+    "AdapterError": "adapters.inject",
+    "AdapterFileError": "adapters.io",
+    "ModelLoadError": "sd.pipelines",
+    "Studio": "tools.generate",
+    "add_adapter": "adapters.inject",
+    "analyze_runs": "tools.analysis",
+    "bake_adapters": "adapters.inject",
+    "describe_architecture": "sd.pipelines",
+    "disable_adapters": "adapters.inject",
+    "export_merged": "tools.export",
+    "export_svd_lora": "tools.export",
+    "list_adapters": "adapters.inject",
+    "load_adapter": "adapters.io",
+    "load_pipeline": "sd.pipelines",
+    "merge_adapters": "adapters.inject",
+    "remove_adapter": "adapters.inject",
+    "save_adapter": "adapters.io",
+    "set_adapter_enabled": "adapters.inject",
+    "set_adapter_scale": "adapters.inject",
+    "train": "training.loop",
+    "unmerge_adapters": "adapters.inject",
 }
 __all__ = sorted(_EXPORTS)
+
+_legacy.install()
 
 
 def __getattr__(name: str):

@@ -22,7 +22,7 @@ def _hub_offline() -> None:
 @pytest.fixture
 def tiny_sd15():
     """A fresh seeded random SD1.x pipeline (identical weights every time)."""
-    from dreambooth_dora.builtin.tiny import build_tiny_sd15
+    from dreambooth_dora.sd.fixtures import build_tiny_sd15
 
     return build_tiny_sd15()
 
@@ -30,6 +30,6 @@ def tiny_sd15():
 @pytest.fixture
 def tiny_sdxl():
     """A fresh seeded random SDXL pipeline (identical weights every time)."""
-    from dreambooth_dora.builtin.tiny import build_tiny_sdxl
+    from dreambooth_dora.sd.fixtures import build_tiny_sdxl
 
     return build_tiny_sdxl()

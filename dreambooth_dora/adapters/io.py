@@ -1,0 +1,447 @@
+"""Adapter files: save and load, native (diffusers/peft layout) and kohya, with validation (DESIGN §4).
+
+Native file (loads in stock diffusers with ``pipe.load_lora_weights``):
+    <component>.<module path>.lora_A.weight                  (r, in)
+    <component>.<module path>.lora_B.weight                  (out, r)
+    <component>.<module path>.lora_magnitude_vector.weight   (out,)     DoRA only; always with ``.weight``
+    header "lora_adapter_metadata": peft LoraConfig fields per component ("unet.r", "unet.lora_alpha", …)
+    header "dreambooth_dora": our own JSON (format version, kind, axis, base model, architecture, trigger, …)
+Kohya file: <stem>.lora_down.weight (r, in), .lora_up.weight (out, r), .alpha (scalar), .dora_scale —
+(out, 1) for axis="out", (1, in) for axis="in".
+
+Only safetensors are read; nothing is ever unpickled. Every check runs before any weight is touched, and a
+failed load leaves the model as it was. Writes are atomic (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dreambooth_dora.adapters import names as keys
+from dreambooth_dora.adapters.inject import (
+    AdapterError,
+    adapter_layers,
+    components,
+    list_adapters,
+    remove_adapter,
+    set_adapter_scale,
+    wrap_layer,
+)
+from dreambooth_dora.adapters.layers import AdaptedLinear
+
+FORMAT_VERSION = 1
+OUR_KEY = "dreambooth_dora"
+DIFFUSERS_KEY = "lora_adapter_metadata"
+MAX_HEADER = 100 * 1024 * 1024  # what the safetensors library itself accepts
+_NATIVE_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_magnitude_vector.weight": "m",
+    ".lora_magnitude_vector": "m",  # peft's own save format
+    ".alpha": "alpha",
+}
+_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".dora_scale": "m", ".alpha": "alpha"}
+
+
+class AdapterFileError(AdapterError):
+    """An adapter file that cannot be used with this model; the message says why and what to do."""
+
+
+@dataclass
+class LayerTensors:
+    """One layer of an adapter file in our convention: A (r, in), B (out, r), m (out,) or (in,)."""
+
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+    alpha: float | None = None
+    axis: str = "out"
+
+
+@dataclass
+class AdapterFile:
+    format: str  # "native" | "kohya"
+    layers: dict[tuple[str, str], LayerTensors]  # (component, module path) -> tensors
+    metadata: dict = field(default_factory=dict)  # our own header JSON ({} for foreign files)
+
+    @property
+    def kind(self) -> str:
+        return "dora" if any(t.m is not None for t in self.layers.values()) else "lora"
+
+
+# -- saving -------------------------------------------------------------------------------------------------------
+
+
+def _arch(pipe) -> dict:
+    unet = getattr(pipe, "unet", None)
+    comps = components(pipe)
+    return {
+        "sdxl": "text_encoder_2" in comps,
+        "cross_attention_dim": int(unet.config.cross_attention_dim) if unet is not None else None,
+        "components": sorted(comps),
+    }
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """safetensors.save_file through a temporary file in the same folder, fsync, rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    pipe,
+    path: str | os.PathLike,
+    name: str = "default",
+    format: str = "native",
+    metadata: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write adapter ``name`` of ``pipe`` to ``path`` (.safetensors) in the ``native`` or ``kohya`` format.
+
+    ``metadata`` (JSON-serializable) is merged into our header entry: base model id, trigger phrase, a training
+    summary. axis="in" adapters exist only in the kohya format: diffusers and peft implement the per-row norm.
+    """
+    if format not in ("native", "kohya"):
+        raise AdapterError(f"format={format!r}: choose 'native' (diffusers/peft) or 'kohya' (ComfyUI/A1111)")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"adapter path {str(path)!r} must end in .safetensors (the only format we write)")
+    layers = adapter_layers(pipe, name)
+    info = list_adapters(pipe)[name]
+    if format == "native" and info.axis == "in":
+        raise AdapterError(
+            f"adapter {name!r} uses axis='in' (one norm per input column), which diffusers' and peft's format "
+            "cannot express (they normalize output rows). Save it with format='kohya' — ComfyUI and A1111 read "
+            "axis='in' DoRA — or train with axis='out' for diffusers compatibility."
+        )
+    comps = components(pipe)
+    arch = _arch(pipe)
+    ours = {
+        "format_version": FORMAT_VERSION,
+        "kind": info.kind,
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "axis": info.axis,
+        "arch": arch,
+        **(metadata or {}),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(key: str, t: torch.Tensor) -> None:
+        tensors[key] = t.detach().to("cpu", dtype).contiguous().clone()
+
+    targets: dict[str, set[str]] = {}
+    patterns: dict[str, dict[str, dict[str, float]]] = {}  # per component: layers whose rank/alpha differ
+    for full, (_, a) in layers.items():
+        comp, _, path_in = full.partition(".")
+        public = keys.public_path(comp, comps[comp], path_in)
+        if (a.rank, a.alpha) != (info.rank, info.alpha):  # kind "full" (rank = in_features) or mixed files
+            # peft matches pattern keys as module-path suffixes: the path without "text_model." fits both
+            # transformers spellings of the text encoder
+            pat = patterns.setdefault(comp, {"rank_pattern": {}, "alpha_pattern": {}})
+            pat["rank_pattern"][path_in], pat["alpha_pattern"][path_in] = a.rank, a.alpha
+        # peft matches target_modules against the model's own paths, which differ between transformers
+        # versions for text encoders: name the leaf there; the UNet gets exact paths.
+        targets.setdefault(comp, set()).add(public if comp == "unet" else public.rsplit(".", 1)[-1])
+        if format == "native":
+            stem = f"{comp}.{public}"
+            put(f"{stem}.lora_A.weight", a.lora_A)
+            put(f"{stem}.lora_B.weight", a.lora_B)
+            if a.kind == "dora":
+                put(f"{stem}.lora_magnitude_vector.weight", a.magnitude)
+        else:
+            stem = keys.kohya_name(comp, path_in, comps[comp], arch["sdxl"])
+            put(f"{stem}.lora_down.weight", a.lora_A)
+            put(f"{stem}.lora_up.weight", a.lora_B)
+            put(f"{stem}.alpha", torch.tensor(a.alpha))
+            if a.kind == "dora":
+                put(f"{stem}.dora_scale", a.magnitude[:, None] if a.axis == "out" else a.magnitude[None, :])
+    header = {OUR_KEY: json.dumps(ours, sort_keys=True)}
+    if format == "native":
+        peft_cfg = {}
+        for comp, paths in targets.items():
+            peft_cfg.update(
+                {
+                    f"{comp}.r": info.rank,
+                    f"{comp}.lora_alpha": info.alpha,
+                    f"{comp}.use_dora": info.kind == "dora",
+                    f"{comp}.target_modules": sorted(paths),
+                    **{f"{comp}.{k}": v for k, v in patterns.get(comp, {}).items()},
+                }
+            )
+        header[DIFFUSERS_KEY] = json.dumps(peft_cfg, sort_keys=True)
+    else:
+        header.update(
+            {
+                "ss_network_module": "lycoris.kohya" if info.kind == "dora" else "networks.lora",
+                "ss_network_dim": str(info.rank),
+                "ss_network_alpha": f"{info.alpha:g}",
+                "ss_base_model_version": "sdxl_base_v1-0" if arch["sdxl"] else "sd_v1",
+                "ss_network_args": json.dumps({"dora_wd": "True"} if info.kind == "dora" else {}),
+            }
+        )
+    atomic_save_file(tensors, path, header)
+    return path
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+
+def parse_adapter_spec(spec: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:WEIGHT`` → (path, strength); a colon inside a path (``C:\\x``) is not a weight."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not weight or any(c in weight for c in "/\\") or weight.endswith(".safetensors"):
+        return Path(spec), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise AdapterError(f"adapter {spec!r}: weight {weight!r} is not a number; write FILE or FILE:WEIGHT") from None
+
+
+# Key prefixes of whole Stable Diffusion checkpoints (original layout and diffusers' UNet): not adapters.
+_MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "conv_in.")
+
+
+def check_adapter_file(path: str | os.PathLike) -> list[str]:
+    """Check that ``path`` is a safetensors adapter file from its header alone (no tensor is read): exists, not
+    empty, not a pickle, a sane header, not a whole model checkpoint. Returns its tensor names."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file not found: {str(path)!r}")
+    size = path.stat().st_size
+    if size == 0:
+        raise AdapterFileError(f"{path.name}: the file is empty (0 bytes); the download or copy did not finish")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size < 10:
+        raise AdapterFileError(f"{path.name}: not a safetensors file ({size} bytes is too short for a header)")
+    if head[8:9] != b"{":  # a safetensors header is JSON right after its 8-byte length
+        if (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05") or head[:2] == b"PK":
+            raise AdapterFileError(
+                f"{path.name}: this is a PyTorch pickle/zip checkpoint renamed to .safetensors. Pickle files can "
+                "run arbitrary code, so they are never loaded here; convert it to safetensors with a tool you trust"
+            )
+        raise AdapterFileError(
+            f"{path.name}: not a safetensors file (it starts with {head[:12]!r}); an HTML error page or another "
+            "format saved under this name? Download the .safetensors file again"
+        )
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > MAX_HEADER:
+        raise AdapterFileError(
+            f"{path.name}: header claims {header_len} bytes (limit {MAX_HEADER}); the file is corrupt or hostile"
+        )
+    if header_len > size - 8:
+        raise AdapterFileError(
+            f"{path.name}: truncated or not a safetensors file (header says {header_len} bytes, file has "
+            f"{size - 8} after the length field); download or copy it again"
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+    except Exception as e:  # safetensors raises a bare SafetensorError with terse text
+        raise AdapterFileError(
+            f"{path.name}: truncated or corrupt safetensors file ({e}); download or copy it again"
+        ) from e
+    if not names:
+        raise AdapterFileError(f"{path.name}: the file holds no tensors")
+    if any(k.startswith(_MODEL_PREFIXES) for k in names):
+        raise AdapterFileError(
+            f"{path.name} is a whole model checkpoint, not a LoRA/DoRA adapter file; use it as the base model"
+        )
+    return names
+
+
+def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors adapter file after check_adapter_file; a teaching error for anything else."""
+    check_adapter_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise AdapterFileError(
+            f"{path.name}: truncated or corrupt safetensors file ({e}); download or copy it again"
+        ) from e
+
+
+def _split(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    for suffix, part in suffixes.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return None
+
+
+def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
+    """Parse and validate an adapter file against ``pipe``; raises AdapterFileError listing every problem."""
+    path = Path(path)
+    tensors, meta = _open_checked(path)
+    ours = json.loads(meta.get(OUR_KEY, "{}") or "{}")
+    peft_cfg = json.loads(meta.get(DIFFUSERS_KEY, "{}") or "{}")
+    comps = components(pipe)
+    fmt = "kohya" if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in tensors) else "native"
+    table = keys.name_table(comps, "text_encoder_2" in comps) if fmt == "kohya" else {}
+    module_names = {comp: {n for n, _ in m.named_modules()} for comp, m in comps.items()}
+    layers: dict[tuple[str, str], LayerTensors] = {}
+    unexpected: list[str] = []
+    for key, t in tensors.items():
+        split = _split(key, _KOHYA_SUFFIXES if fmt == "kohya" else _NATIVE_SUFFIXES)
+        if split is None:
+            unexpected.append(key)
+            continue
+        stem, part = split
+        if fmt == "kohya":
+            target = table.get(stem)
+        else:
+            comp, _, mod = stem.partition(".")
+            mod = keys.model_path(comp, comps[comp], mod) if comp in comps else ""
+            target = (comp, mod) if mod and mod in module_names[comp] else None
+        if target is None:
+            unexpected.append(key)
+            continue
+        lt = layers.setdefault(target, LayerTensors())
+        if part == "alpha":
+            lt.alpha = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float("nan")
+        else:
+            setattr(lt, part, t)
+    _check_architecture(path.name, tensors, comps, ours)
+    _fill_native_alpha(layers, peft_cfg)
+    problems = _validate(layers, comps, unexpected, ours)
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise AdapterFileError(f"{path.name} does not fit the loaded model:\n  {shown}")
+    return AdapterFile(fmt, layers, ours)
+
+
+def _arch_label(sdxl: bool | None, dim: int | None) -> str:
+    name = "SDXL" if sdxl else {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(dim, "an SD-family model")
+    return f"{name} (cross-attention dim {dim})" if dim else name
+
+
+def _check_architecture(fname: str, tensors: dict, comps: dict, ours: dict) -> None:
+    """One clear sentence when the file was made for another architecture, before listing key problems."""
+    model_sdxl = "text_encoder_2" in comps
+    model_dim = int(comps["unet"].config.cross_attention_dim) if "unet" in comps else None
+    file_dim = (ours.get("arch") or {}).get("cross_attention_dim")
+    if file_dim is None:  # foreign file: the cross-attention key/value projections read it
+        for key, t in tensors.items():
+            if ("attn2_to_k" in key or "attn2.to_k" in key) and ("lora_down" in key or "lora_A" in key):
+                file_dim = int(t.shape[-1])
+                break
+    file_sdxl = (ours.get("arch") or {}).get("sdxl")
+    if file_sdxl is None and any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in tensors):
+        file_sdxl = True  # a second text encoder; otherwise a foreign file does not say
+    dims_differ = file_dim is not None and model_dim is not None and file_dim != model_dim
+    if dims_differ or (file_sdxl is not None and file_sdxl != model_sdxl):
+        raise AdapterFileError(
+            f"{fname}: adapter was trained for {_arch_label(file_sdxl, file_dim)}; the loaded base is "
+            f"{_arch_label(model_sdxl, model_dim)}. Load it with the base model it was trained on."
+        )
+
+
+def _fill_native_alpha(layers: dict[tuple[str, str], LayerTensors], peft_cfg: dict) -> None:
+    """alpha from diffusers' header (per component, with peft's alpha_pattern), else alpha = rank."""
+    for (comp, mod), lt in layers.items():
+        if lt.alpha is not None:
+            continue
+        pattern = peft_cfg.get(f"{comp}.alpha_pattern") or {}
+        match = next((v for k, v in pattern.items() if mod == k or mod.endswith("." + k)), None)
+        alpha = match if match is not None else peft_cfg.get(f"{comp}.lora_alpha")
+        lt.alpha = float(alpha) if alpha is not None else (float(lt.A.shape[0]) if lt.A is not None else None)
+
+
+def _validate(layers, comps, unexpected, ours) -> list[str]:
+    problems = [f"unexpected key {k!r} (no such layer in this model, or not an adapter tensor)" for k in unexpected]
+    axis_hint = ours.get("axis")
+    for (comp, mod), lt in sorted(layers.items()):
+        where = f"{comp}.{mod}"
+        layer = comps[comp].get_submodule(mod)
+        if not isinstance(layer, nn.Linear):
+            problems.append(f"{where}: is a {type(layer).__name__}, only nn.Linear layers take these adapters")
+            continue
+        if lt.A is None or lt.B is None:
+            problems.append(f"{where}: missing {'lora_A/lora_down' if lt.A is None else 'lora_B/lora_up'} weight")
+            continue
+        out_f, in_f = layer.out_features, layer.in_features
+        for label, t in (("A", lt.A), ("B", lt.B), ("magnitude", lt.m)):
+            if t is None:
+                continue
+            if not t.dtype.is_floating_point:
+                problems.append(f"{where}: {label} has dtype {t.dtype}; adapter weights must be floating point")
+            elif not torch.isfinite(t).all():
+                problems.append(f"{where}: {label} contains NaN or Inf values; the adapter is broken (retrain it)")
+        if lt.A.ndim != 2 or lt.B.ndim != 2 or lt.A.shape[1] != in_f or lt.B.shape[0] != out_f:
+            problems.append(
+                f"{where}: shapes A {tuple(lt.A.shape)}, B {tuple(lt.B.shape)} do not fit the layer "
+                f"({out_f} out, {in_f} in): expected A (r, {in_f}), B ({out_f}, r)"
+            )
+            continue
+        if lt.A.shape[0] != lt.B.shape[1]:
+            problems.append(f"{where}: rank mismatch: A has {lt.A.shape[0]} rows, B {lt.B.shape[1]} columns")
+            continue
+        if lt.alpha is None or not math.isfinite(lt.alpha) or lt.alpha <= 0:
+            problems.append(f"{where}: alpha {lt.alpha} must be a finite number > 0")
+        if lt.m is not None:
+            m = lt.m
+            if m.ndim == 2 and m.shape == (out_f, 1):
+                lt.axis, lt.m = "out", m[:, 0]
+            elif m.ndim == 2 and m.shape == (1, in_f):
+                lt.axis, lt.m = "in", m[0]
+            elif m.ndim == 1 and m.shape[0] == (in_f if axis_hint == "in" else out_f):
+                lt.axis = axis_hint or "out"
+            else:
+                problems.append(
+                    f"{where}: magnitude shape {tuple(m.shape)} fits neither axis of the layer "
+                    f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))"
+                )
+    kinds = {lt.m is not None for lt in layers.values() if lt.A is not None}
+    if len(kinds) > 1:
+        missing = sorted(f"{c}.{m}" for (c, m), lt in layers.items() if lt.m is None)
+        problems.append(f"DoRA magnitude missing for {len(missing)} layer(s), e.g. {missing[0]}: file incomplete")
+    return problems
+
+
+def load_adapter(pipe, path: str | os.PathLike, name: str = "default", scale: float = 1.0) -> AdapterFile:
+    """Validate ``path`` against ``pipe`` and attach it as adapter ``name`` (toggled, strength ``scale``).
+
+    Reads native files, diffusers/peft LoRA and DoRA files, and kohya LoRA/DoRA files of either axis.
+    """
+    if name in list_adapters(pipe):
+        raise AdapterError(f"an adapter named {name!r} is already loaded; pick another name or remove it first")
+    parsed = read_adapter_file(path, pipe)
+    comps = components(pipe)
+    try:
+        for (comp, mod), lt in parsed.layers.items():
+            layer: AdaptedLinear = wrap_layer(comps[comp], mod)
+            kind = "dora" if lt.m is not None else "lora"
+            adapter = layer.add(name, kind=kind, rank=lt.A.shape[0], alpha=lt.alpha, axis=lt.axis)
+            with torch.no_grad():
+                adapter.lora_A.copy_(lt.A.float())
+                adapter.lora_B.copy_(lt.B.float())
+                if kind == "dora":
+                    adapter.magnitude.copy_(lt.m.float())
+        if scale != 1.0:
+            set_adapter_scale(pipe, name, scale)
+    except BaseException:
+        if name in list_adapters(pipe):
+            remove_adapter(pipe, name)
+        raise
+    return parsed

@@ -1,0 +1,391 @@
+"""What the browser app (``app.py``) does besides widgets (DESIGN §7, §8), testable without a browser:
+upload intake, the training form → config, presets, the adapter registry, progress text and the analysis runs.
+
+Folders under the app's data dir:
+    runs/<job id>/          one training job (jobs.JobManager): instance_images/, adapter*.safetensors, samples/…
+    adapters/<name>.safetensors (+ <name>.json)   adapters uploaded through the UI, validated on arrival
+    images/<date>/          generated images (PNG with their parameters)
+    analysis/<id>/          ΔM/ΔD plots
+
+Nothing here turns a client-sent string into a path: uploaded files are named by ``safe_filename``, and adapters
+and runs are looked up by key in listings made from the data dir itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import unicodedata
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from safetensors import safe_open
+
+from dreambooth_dora.adapters.io import OUR_KEY, AdapterFileError, read_adapter_file
+from dreambooth_dora.app.jobs import JobView
+from dreambooth_dora.shipped import PRESETS_DIR
+from dreambooth_dora.training.config import FIELDS, ConfigError, TrainConfig, validate
+from dreambooth_dora.training.data import IMAGE_EXTENSIONS, DataError, load_image
+
+MAX_UPLOAD_FILES = 50
+MAX_FILE_BYTES = 20 * 2**20  # per image: any camera JPEG, far below a decompression-bomb PNG
+MAX_TOTAL_BYTES = 200 * 2**20
+MAX_ADAPTER_BYTES = 2**30  # SDXL rank 128 with the text encoders is ~0.9 GB in fp32
+IDENTIFIER_TOKENS = ("sks", "ohwx", "zwx", "xjy")  # rare tokens: the model knows little about them
+# The settings the Train tab shows; a preset fills these, and its other keys (schedulers, precision, …) ride along.
+FORM_FIELDS = (
+    "max_train_steps", "rank", "alpha", "learning_rate", "kind", "train_text_encoder", "resolution",
+    "with_prior_preservation", "num_class_images", "train_batch_size", "seed", "validation_steps",
+    "validation_inference_steps", "checkpointing_steps",
+)  # fmt: skip
+# Never taken from a preset: where files live and what the images show belong to this job.
+_NOT_FROM_PRESET = {
+    "base_model", "base_config", "instance_data_dir", "class_data_dir", "output_dir", "resume_from_checkpoint",
+    "instance_prompt", "class_prompt", "validation_prompt", "save_intermediate_every", "cpu",
+}  # fmt: skip
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def safe_filename(name: str, default: str = "file") -> str:
+    """A client-sent file name → a plain name: last path component, ASCII letters, digits, ``._-`` only,
+    no leading dot, at most 80 characters, extension lower-cased. Never a path."""
+    name = re.split(r"[\\/]", str(name))[-1]
+    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-")
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    stem = stem[:72] or default
+    return f"{stem}.{ext.lower()[:12]}" if ext else stem
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/stem_2.ext`` … when taken."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    path, i = folder / name, 1
+    while path.exists():
+        i += 1
+        path = folder / f"{stem}_{i}{suffix}"
+    return path
+
+
+# -- training images -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadCheck:
+    """Uploaded images split into usable ones (source path, safe name) and rejected ones (name, reason)."""
+
+    accepted: list[tuple[Path, str]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """Markdown for the Train tab: what is used, and each refused file with its reason."""
+        if not self.accepted and not self.rejected:
+            return ""
+        lines = [f"**{len(self.accepted)} image(s) ready.**"]
+        if self.rejected:
+            lines.append(f"**{len(self.rejected)} file(s) refused** (not used for training):")
+            lines += [f"- `{name}`: {reason}" for name, reason in self.rejected]
+        return "\n".join(lines)
+
+
+def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
+    """Validate uploaded files (the server's copies) as training images: count, size, type, full decode."""
+    check, total, names = UploadCheck(), 0, set()
+    for i, src in enumerate(Path(p) for p in (paths or [])):
+        shown = safe_filename(src.name, default=f"upload_{i}")
+        size = src.stat().st_size if src.is_file() else 0
+        if i >= MAX_UPLOAD_FILES:
+            check.rejected.append((shown, f"more than {MAX_UPLOAD_FILES} files; 5-20 photos are typical"))
+        elif Path(shown).suffix not in IMAGE_EXTENSIONS:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            check.rejected.append((shown, f"not an image file name (accepted: {exts})"))
+        elif size > MAX_FILE_BYTES:
+            check.rejected.append((shown, f"too large ({_size(size)} > {_size(MAX_FILE_BYTES)} per file)"))
+        elif total + size > MAX_TOTAL_BYTES:
+            check.rejected.append((shown, f"over the {_size(MAX_TOTAL_BYTES)} total for one training"))
+        else:
+            try:
+                load_image(src)
+            except DataError as e:
+                check.rejected.append((shown, getattr(e, "reason", str(e))))
+                continue
+            total += size
+            name = shown
+            for k in range(2, MAX_UPLOAD_FILES + 2):  # two uploads named alike stay two images
+                if name.lower() not in names:
+                    break
+                name = f"{Path(shown).stem}_{k}{Path(shown).suffix}"
+            names.add(name.lower())
+            check.accepted.append((src, name))
+    return check
+
+
+def copy_uploads(check: UploadCheck, dest: Path) -> list[Path]:
+    """Copy the accepted images into ``dest`` (the job's own folder) under their safe names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src, name in check.accepted:
+        target = unique_path(dest, name)
+        shutil.copyfile(src, target)
+        out.append(target)
+    return out
+
+
+# -- the training form -----------------------------------------------------------------------------------------
+
+
+def identifier_prompts(token: str, class_word: str) -> tuple[str, str]:
+    """("sks", "dog") → ("a photo of sks dog", "a photo of a dog"): the instance and class prompts."""
+    token, word = token.strip() or IDENTIFIER_TOKENS[0], class_word.strip() or "person"
+    article = "an" if word[0].lower() in "aeiou" else "a"
+    return f"a photo of {token} {word}", f"a photo of {article} {word}"
+
+
+def list_presets(folder: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def read_preset(name: str, folder: Path = PRESETS_DIR) -> tuple[dict, dict, str]:
+    """(form values, other keys carried into the config, the preset's purpose comment) of preset ``name``."""
+    by_name = {p.stem: p for p in folder.glob("*.yaml")}
+    if name not in by_name:
+        raise ConfigError(f"preset {name!r} not found; choose one of {', '.join(sorted(by_name))}")
+    text = by_name[name].read_text()
+    data = yaml.safe_load(text) or {}
+    purpose = " ".join(line.lstrip("# ").strip() for line in text.splitlines()[:2] if line.startswith("#"))
+    form = {k: data[k] for k in FORM_FIELDS if k in data}
+    if "rank" in form and data.get("alpha") is None:
+        form["alpha"] = form["rank"]
+    extra = {k: v for k, v in data.items() if k not in FORM_FIELDS and k not in _NOT_FROM_PRESET}
+    return form, extra, purpose
+
+
+def build_config(form: dict, extra: dict | None = None) -> TrainConfig:
+    """The Train tab's values (+ a preset's other keys) → a validated config; raises ConfigError.
+
+    ``instance_data_dir`` and ``output_dir`` are placeholders here: the job manager's run folder replaces them.
+    ``save_intermediate_every`` is set so that every run can be analysed in the Analysis tab (5 points).
+    """
+    data = {**(extra or {}), **{k: v for k, v in form.items() if v is not None and v != ""}}
+    for key in ("max_train_steps", "rank", "resolution", "num_class_images", "train_batch_size", "seed",
+                "validation_steps", "validation_inference_steps", "checkpointing_steps"):  # fmt: skip
+        if isinstance(data.get(key), float) and data[key].is_integer():
+            data[key] = int(data[key])  # number widgets send floats
+    if not data.get("validation_prompt"):
+        data["validation_prompt"] = data.get("instance_prompt")
+    steps = data.get("max_train_steps")
+    if isinstance(steps, int) and steps > 0:
+        data["save_intermediate_every"] = max(1, steps // 4)
+    unknown = set(data) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    data.setdefault("instance_data_dir", "instance_images")
+    return validate(data)
+
+
+# -- progress --------------------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def progress_text(view: JobView | None) -> str:
+    """One Markdown status line for the Train tab."""
+    if view is None:
+        return "No training yet. Upload images, write the prompt, press **Start**."
+    where = f"`{view.id}`"
+    step = f"step {view.step}/{view.total}" if view.total else "step 0"
+    if view.status == "queued":
+        return f"**Queued** {where}: position {view.queue_position}; another training is running (one at a time)."
+    if view.status == "running":
+        if not view.total:
+            return f"**Starting** {where}: loading the model…"
+        return f"**Training** {where}: {step} · {view.steps_per_s:.2f} it/s · ETA {_duration(view.eta_s)}"
+    if view.status == "stopping":
+        return f"**Stopping** {where} at {step}: saving a checkpoint…"
+    if view.status == "finished":
+        return f"**Finished** {where}: {step}. Use the adapter in **Generate**; download it in **Adapters**."
+    if view.status == "stopped":
+        if view.checkpoints:
+            return f"**Stopped** {where} at {step}. **Resume** continues from the last checkpoint."
+        return f"**Stopped** {where} at {step}, before the first checkpoint: **Resume** starts it over."
+    return f"**Failed** {where} at {step}: {view.message or 'see worker.log in the run folder'}"
+
+
+def loss_frame(view: JobView | None) -> pd.DataFrame:
+    """Loss per step for gr.LinePlot (which needs a DataFrame)."""
+    rows = view.losses if view is not None else []
+    return pd.DataFrame(rows, columns=["step", "loss"], dtype=float)
+
+
+# -- the adapter registry --------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterEntry:
+    key: str  # "run:<job id>" or "upload:<file name>": what the UI sends back
+    name: str
+    source: str  # "trained" | "uploaded"
+    path: Path
+    kohya_path: Path | None
+    base: str
+    kind: str
+    rank: int | str
+    steps: int | str
+    date: str
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.kind}, {self.base})"
+
+
+def _header(path: Path) -> dict:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return json.loads((f.metadata() or {}).get(OUR_KEY, "{}") or "{}")
+
+
+def _date(path: Path) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+
+
+def list_adapters(data_dir: Path) -> list[AdapterEntry]:
+    """Trained runs' adapters (newest first), then uploaded ones."""
+    out = []
+    runs = data_dir / "runs"
+    for run in sorted(runs.iterdir() if runs.is_dir() else [], reverse=True):
+        native, kohya = run / "adapter.safetensors", run / "adapter_kohya.safetensors"
+        path = native if native.is_file() else kohya  # axis="in" runs write the kohya file only
+        if not path.is_file():
+            continue
+        try:
+            meta = _header(path)
+        except Exception:  # a file being replaced right now, or damaged on disk: listed next time
+            continue
+        prompt = str(meta.get("instance_prompt") or "")
+        out.append(AdapterEntry(
+            f"run:{run.name}", f"{prompt} · {run.name}" if prompt else run.name, "trained", path,
+            kohya if kohya.is_file() else None, str(meta.get("base_model", "?")), str(meta.get("kind", "?")),
+            meta.get("rank", "?"), meta.get("steps", "?"), _date(path), path.stat().st_size,
+        ))  # fmt: skip
+    uploads = data_dir / "adapters"
+    for path in sorted(uploads.glob("*.safetensors") if uploads.is_dir() else []):
+        side = path.with_suffix(".json")
+        info = json.loads(side.read_text()) if side.is_file() else {}
+        out.append(AdapterEntry(
+            f"upload:{path.name}", path.stem, "uploaded", path, None, info.get("base", "?"), info.get("kind", "?"),
+            info.get("rank", "?"), info.get("steps", "?"), _date(path), path.stat().st_size,
+        ))  # fmt: skip
+    return out
+
+
+def find_adapter(data_dir: Path, key: str | None) -> AdapterEntry | None:
+    return next((e for e in list_adapters(data_dir) if e.key == key), None)
+
+
+def adapter_table(entries: list[AdapterEntry]) -> pd.DataFrame:
+    rows = [(e.name, e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size)) for e in entries]
+    columns = ["name", "source", "base", "kind", "rank", "steps", "date", "size"]
+    return pd.DataFrame([[str(v) for v in r] for r in rows], columns=columns)
+
+
+def add_uploaded_adapter(src: Path, data_dir: Path, pipe, base_name: str) -> AdapterEntry:
+    """Validate an uploaded adapter against the loaded base ``pipe`` and keep a copy; AdapterFileError when it
+    is not a safetensors adapter for this base. Only safetensors are read (pickles are refused by content)."""
+    src = Path(src)
+    name = safe_filename(src.name, default="adapter")
+    if not name.endswith(".safetensors"):
+        raise AdapterFileError(
+            f"{name}: only .safetensors adapter files are accepted (.ckpt/.pt/.bin files are pickles, which "
+            "can run code when loaded); convert it to safetensors with a tool you trust"
+        )
+    if src.stat().st_size > MAX_ADAPTER_BYTES:
+        raise AdapterFileError(f"{name}: {_size(src.stat().st_size)} is over the {_size(MAX_ADAPTER_BYTES)} limit")
+    parsed = read_adapter_file(src, pipe)  # header, keys, shapes, architecture, NaN: raises with the reason
+    folder = data_dir / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = unique_path(folder, name)
+    tmp = folder / f".{uuid.uuid4().hex}.part"
+    shutil.copyfile(src, tmp)
+    tmp.replace(target)
+    ranks = sorted({int(t.A.shape[0]) for t in parsed.layers.values() if t.A is not None})
+    info = {
+        "base": str(parsed.metadata.get("base_model") or f"checked on {base_name}"),
+        "kind": parsed.kind,
+        "rank": ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks)),
+        "steps": parsed.metadata.get("steps", "?"),
+        "format": parsed.format,
+        "original_name": src.name,
+    }
+    target.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    return find_adapter(data_dir, f"upload:{target.name}")
+
+
+def delete_adapter(entry: AdapterEntry, busy: set[str]) -> str:
+    """Delete an uploaded file, or a trained run's whole folder (unless its job is queued or running)."""
+    if entry.source == "uploaded":
+        entry.path.unlink(missing_ok=True)
+        entry.path.with_suffix(".json").unlink(missing_ok=True)
+        return f"deleted {entry.name}"
+    run = entry.path.parent
+    if run.name in busy:
+        raise ConfigError(f"{run.name} is training or queued; stop it before deleting it")
+    shutil.rmtree(run)
+    return f"deleted run {run.name} (adapter, checkpoints and samples)"
+
+
+# -- analysis --------------------------------------------------------------------------------------------------
+
+
+def analysable_runs(data_dir: Path, busy: set[str]) -> list[tuple[str, str]]:
+    """(label, job id) of finished or stopped runs that saved intermediate adapters."""
+    out = []
+    runs = data_dir / "runs"
+    for run in sorted(runs.iterdir() if runs.is_dir() else [], reverse=True):
+        if run.name in busy or not any((run / "intermediate").glob("step-*.safetensors")):
+            continue
+        try:
+            cfg = yaml.safe_load((run / "train_config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        out.append((f"{run.name}: {cfg.get('kind', '?')}, {cfg.get('instance_prompt', '')}", run.name))
+    return out
+
+
+def run_analysis(data_dir: Path, job_ids: list[str], busy: set[str]) -> tuple[Path, str]:
+    """ΔM/ΔD plot of the chosen runs → (png, Markdown with the fitted slopes); AnalysisError on bad input."""
+    from dreambooth_dora.tools.analysis import AnalysisError, analyze_runs
+
+    known = {job_id for _, job_id in analysable_runs(data_dir, busy)}
+    chosen = [data_dir / "runs" / j for j in job_ids if j in known]
+    if not chosen:
+        raise AnalysisError("choose at least one run (runs appear here once they have saved intermediate adapters)")
+    out = data_dir / "analysis" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    result = analyze_runs(chosen, out)
+    lines = ["| run | kind | slope of ΔM over ΔD | within steps (across layers) |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.kind} | {r.slope:.4g} | {r.within_slope:.4g} |" for r in result.runs]
+    lines.append(
+        "\nThe DoRA paper finds the slope negative for DoRA and positive for LoRA (§2.2, Fig. 2). The pooled slope"
+        " also carries training progress (both grow with steps); the within-step one compares layers at the same step."
+    )
+    return result.png_path, "\n".join(lines)
