@@ -1,4 +1,4 @@
-"""DoRA vs LoRA training cost, ours against peft: per layer and for a whole DreamBooth-shaped step (DESIGN §9).
+"""DoRA vs LoRA training cost, ours against peft: per layer and for a whole DreamBooth-shaped step (docs/ARCHITECTURE.md: Measuring speed).
 
 Run from the repository root, with the project's venv:
 

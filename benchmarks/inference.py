@@ -1,4 +1,4 @@
-"""Generation speed with a DoRA adapter merged or toggled, relative to the base model (DESIGN §9, issue targets:
+"""Generation speed with a DoRA adapter merged or toggled, relative to the base model (docs/ARCHITECTURE.md: Measuring speed; issue targets:
 merged / base = 1.00 ± 0.03, toggled / base ≤ 1.10).
 
     python benchmarks/inference.py --quick                      # builtin tiny SD1.x model, seconds

@@ -1,4 +1,4 @@
-"""Steps/s and peak memory of one DreamBooth training step: ours DoRA/LoRA vs peft DoRA/LoRA (DESIGN §6, §9).
+"""Steps/s and peak memory of one DreamBooth training step: ours DoRA/LoRA vs peft DoRA/LoRA (docs/ARCHITECTURE.md: Training, Measuring speed).
 
 Run from the repository root, with the project's venv:
 

@@ -1,4 +1,4 @@
-"""Adapter files: save and load, native (diffusers/peft layout) and kohya, with validation (DESIGN §4).
+"""Adapter files: save and load, native (diffusers/peft layout) and kohya, with validation (docs/ARCHITECTURE.md: Adapter files).
 
 Native file (loads in stock diffusers with ``pipe.load_lora_weights``):
     <component>.<module path>.lora_A.weight                  (r, in)
@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from dreambooth_dora.adapters.inject import (
     wrap_layer,
 )
 from dreambooth_dora.adapters.layers import AdaptedLinear
+from dreambooth_dora.runs import atomic_path
 
 FORMAT_VERSION = 1
 OUR_KEY = "dreambooth_dora"
@@ -95,17 +95,8 @@ def _arch(pipe) -> dict:
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     """safetensors.save_file through a temporary file in the same folder, fsync, rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(

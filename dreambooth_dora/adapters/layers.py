@@ -1,4 +1,4 @@
-"""DoRA and LoRA layers for ``nn.Linear`` (DESIGN §3). Imports torch only.
+"""DoRA and LoRA layers for ``nn.Linear`` (docs/ARCHITECTURE.md: The DoRA math). Imports torch only.
 
 Shapes and conventions, for a frozen linear layer ``W0: (out, in)``, bias ``b: (out,)``:
 

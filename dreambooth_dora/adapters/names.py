@@ -1,4 +1,4 @@
-"""How module paths are spelled in adapter files (DESIGN §4).
+"""How module paths are spelled in adapter files (docs/ARCHITECTURE.md: Adapter files).
 
 Public paths: transformers 5 flattened CLIPTextModel (``encoder.layers.0…``), while every file in the wild,
 ComfyUI, A1111 and transformers 4 spell the first text encoder ``text_model.encoder.layers.0…``. Files are

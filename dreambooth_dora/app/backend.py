@@ -1,4 +1,4 @@
-"""What the browser app (``app.py``) does besides widgets (DESIGN §7, §8), testable without a browser:
+"""What the browser app (``app.py``) does besides widgets (docs/ARCHITECTURE.md: The browser app, Reliability), testable without a browser:
 upload intake, the training form → config, presets, the adapter registry, progress text and the analysis runs.
 
 Folders under the app's data dir:

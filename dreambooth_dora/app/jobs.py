@@ -1,4 +1,4 @@
-"""Background training jobs for the UI (DESIGN §7): one training at a time per server, each in its own process.
+"""Background training jobs for the UI (docs/ARCHITECTURE.md: The browser app): one training at a time per server, each in its own process.
 
 A job is a folder under ``<data_dir>/runs/<id>/`` holding ``job.json`` (the config and state), the trainer's
 usual outputs, and ``progress.jsonl`` — one JSON object per event, written by the worker process:

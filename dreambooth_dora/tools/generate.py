@@ -1,4 +1,4 @@
-"""Generation with adapters merged or toggled, and ``python -m dreambooth_dora.generate`` (DESIGN §2, §3).
+"""Generation with adapters merged or toggled, and ``python -m dreambooth_dora.generate`` (docs/ARCHITECTURE.md: Entry points, The DoRA math).
 
 ``Studio`` keeps one base pipeline loaded. Adapters are loaded once per file and switched by strength, on/off and
 mode without ever reloading the base: "merged" folds the enabled adapters into the weights (the base model's

@@ -1,4 +1,4 @@
-"""Train ``builtin:toy`` from scratch on the procedural toy world, on a CPU (DESIGN §5).
+"""Train ``builtin:toy`` from scratch on the procedural toy world, on a CPU (docs/ARCHITECTURE.md: Base models).
 
     python -m dreambooth_dora.toy.pretrain --out sample_data/toy_base            # ~60 min on 2 cores
     python -m dreambooth_dora.toy.pretrain --out sample_data/toy_base --resume   # continue after a stop

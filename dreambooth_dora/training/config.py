@@ -1,6 +1,6 @@
 """The training config: one typed, validated model (YAML in, YAML out), with ``--set key=value`` overrides.
 
-Field names follow diffusers' DreamBooth scripts so users' habits carry over (DESIGN §6). Validation happens
+Field names follow diffusers' DreamBooth scripts so users' habits carry over (docs/ARCHITECTURE.md: Training). Validation happens
 here, at the edge: every problem is reported at once, unknown keys get a "did you mean".
 """
 

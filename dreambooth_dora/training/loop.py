@@ -1,4 +1,4 @@
-"""DreamBooth with DoRA: ``train(config, callbacks)`` and ``python -m dreambooth_dora.train`` (DESIGN §2, §6, §8).
+"""DreamBooth with DoRA: ``train(config, callbacks)`` and ``python -m dreambooth_dora.train`` (docs/ARCHITECTURE.md: Entry points, Training, Reliability).
 
 One explicit loop with named stages. Everything random in a step (data order, crops, noise, timesteps, dropout)
 is derived from (seed, step), so a run resumed from a checkpoint reproduces an uninterrupted one exactly.

@@ -1,4 +1,4 @@
-"""Bad adapter files: each gets a specific, teaching error and leaves the loaded model untouched (DESIGN §4, §8)."""
+"""Bad adapter files: each gets a specific, teaching error and leaves the loaded model untouched (docs/ARCHITECTURE.md: Adapter files, Reliability)."""
 
 import pickle
 import struct

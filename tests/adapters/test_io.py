@@ -1,5 +1,5 @@
 """Adapter files against a second loader: stock diffusers reads our native files, kohya round trips are exact,
-and the key names are pinned (DESIGN §4)."""
+and the key names are pinned (docs/ARCHITECTURE.md: Adapter files)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""DoRA/LoRA layer invariants (DESIGN §3): identity at init, peft as the reference, merge, strength, caching."""
+"""DoRA/LoRA layer invariants (docs/ARCHITECTURE.md: The DoRA math): identity at init, peft as the reference, merge, strength, caching."""
 
 import copy
 
@@ -44,7 +44,7 @@ def _perturb(model, name="default", seed=1, b_std=0.2) -> None:
 
 
 def _explicit(w0, b, a, x):
-    """W' computed the plain way from DESIGN §3, for checking the factored/fused implementation."""
+    """W' computed the plain way from docs/ARCHITECTURE.md (The DoRA math), for checking the factored/fused implementation."""
     v = w0 + a.scaling * a.lora_B @ a.lora_A
     if a.kind == "dora":
         norm = v.norm(dim=1, keepdim=True) if a.axis == "out" else v.norm(dim=0, keepdim=True)

@@ -1,5 +1,5 @@
 """Exports: bake_adapters, merged full models (diffusers folder + ldm single file) read back by stock diffusers,
-DoRA → plain LoRA by truncated SVD, and the CLI's errors (DESIGN §4, §5)."""
+DoRA → plain LoRA by truncated SVD, and the CLI's errors (docs/ARCHITECTURE.md: Adapter files, Base models)."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The headless trainer end to end on the tiny builtin models (DESIGN §6, §8)."""
+"""The headless trainer end to end on the tiny builtin models (docs/ARCHITECTURE.md: Training, Reliability)."""
 
 import os
 import shutil
