@@ -1,4 +1,5 @@
-"""The browser app (docs/ARCHITECTURE.md: The browser app): upload photos → train a DoRA adapter → generate with it. Layout and wiring only:
+"""The browser app: upload photos → train a DoRA adapter → generate with it. Layout and wiring only:
+See docs/ARCHITECTURE.md, The browser app.
 training runs in worker processes (dreambooth_dora.jobs), generation in one shared Studio (one base loaded),
 everything else in dreambooth_dora.ui_backend.
 

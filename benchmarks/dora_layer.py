@@ -1,4 +1,5 @@
-"""DoRA vs LoRA training cost, ours against peft: per layer and for a whole DreamBooth-shaped step (docs/ARCHITECTURE.md: Measuring speed).
+"""DoRA vs LoRA training cost, ours against peft: per layer and for a whole DreamBooth-shaped step.
+See docs/ARCHITECTURE.md, Measuring speed.
 
 Run from the repository root, with the project's venv:
 

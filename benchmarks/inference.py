@@ -1,4 +1,4 @@
-"""Generation speed with a DoRA adapter merged or toggled, relative to the base model (docs/ARCHITECTURE.md: Measuring speed; issue targets:
+"""Generation speed with a DoRA adapter merged or toggled, relative to the base model (issue targets:
 merged / base = 1.00 ± 0.03, toggled / base ≤ 1.10).
 
     python benchmarks/inference.py --quick                      # builtin tiny SD1.x model, seconds
@@ -13,6 +13,7 @@ run round-robin with the order rotated each round; ratios are medians over round
 a round, so machine noise hits all variants alike. Absolute seconds are printed for reference only. On the CPU
 the time is the process's CPU time (with --threads 1, the compute itself), which other work on a shared
 machine barely disturbs; on CUDA it is wall time after synchronizing.
+See docs/ARCHITECTURE.md (Measuring speed).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Steps/s and peak memory of one DreamBooth training step: ours DoRA/LoRA vs peft DoRA/LoRA (docs/ARCHITECTURE.md: Training, Measuring speed).
+"""Steps/s and peak memory of one DreamBooth training step: ours DoRA/LoRA vs peft DoRA/LoRA.
 
 Run from the repository root, with the project's venv:
 
@@ -32,6 +32,7 @@ memory held before one step (activations, temporaries, grads; AdamW state alread
 all: CUDA max_memory_allocated after reset_peak_memory_stats; CPU the running sum of the allocations/frees
 torch.profiler(profile_memory) records. loss0 (first step, identical weights and batch) must agree between
 oD and pD, and between oL and pL. The run stops if any adapter parameter gets no gradient.
+See docs/ARCHITECTURE.md (Training, Measuring speed).
 """
 
 from __future__ import annotations

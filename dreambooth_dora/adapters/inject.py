@@ -1,7 +1,8 @@
-"""Find target layers, wrap them with adapters, and switch adapters on, off, merged or scaled (docs/ARCHITECTURE.md: The DoRA math).
+"""Find target layers, wrap them with adapters, and switch adapters on, off, merged or scaled.
 
 Every function takes either one ``nn.Module`` (a UNet, a text encoder) or a diffusers pipeline; for a pipeline
 it acts on the adaptable components: ``unet``, ``text_encoder`` and ``text_encoder_2`` (SDXL).
+See docs/ARCHITECTURE.md (The DoRA math).
 """
 
 from __future__ import annotations

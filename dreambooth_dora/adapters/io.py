@@ -1,4 +1,4 @@
-"""Adapter files: save and load, native (diffusers/peft layout) and kohya, with validation (docs/ARCHITECTURE.md: Adapter files).
+"""Adapter files: save and load, native (diffusers/peft layout) and kohya, with validation.
 
 Native file (loads in stock diffusers with ``pipe.load_lora_weights``):
     <component>.<module path>.lora_A.weight                  (r, in)
@@ -11,6 +11,7 @@ Kohya file: <stem>.lora_down.weight (r, in), .lora_up.weight (out, r), .alpha (s
 
 Only safetensors are read; nothing is ever unpickled. Every check runs before any weight is touched, and a
 failed load leaves the model as it was. Writes are atomic (temporary file + rename).
+See docs/ARCHITECTURE.md (Adapter files).
 """
 
 from __future__ import annotations

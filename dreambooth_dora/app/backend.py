@@ -1,4 +1,4 @@
-"""What the browser app (``app.py``) does besides widgets (docs/ARCHITECTURE.md: The browser app, Reliability), testable without a browser:
+"""What the browser app (``app.py``) does besides widgets, testable without a browser:
 upload intake, the training form → config, presets, the adapter registry, progress text and the analysis runs.
 
 Folders under the app's data dir:
@@ -9,6 +9,7 @@ Folders under the app's data dir:
 
 Nothing here turns a client-sent string into a path: uploaded files are named by ``safe_filename``, and adapters
 and runs are looked up by key in listings made from the data dir itself.
+See docs/ARCHITECTURE.md (The browser app, Reliability).
 """
 
 from __future__ import annotations

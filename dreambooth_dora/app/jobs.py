@@ -1,4 +1,4 @@
-"""Background training jobs for the UI (docs/ARCHITECTURE.md: The browser app): one training at a time per server, each in its own process.
+"""Background training jobs for the UI: one training at a time per server, each in its own process.
 
 A job is a folder under ``<data_dir>/runs/<id>/`` holding ``job.json`` (the config and state), the trainer's
 usual outputs, and ``progress.jsonl`` — one JSON object per event, written by the worker process:
@@ -11,6 +11,7 @@ The worker (``python -m dreambooth_dora.app.jobs run RUN_DIR``) dies with the se
 SIGTERM into "checkpoint, then exit" through the trainer's own signal handling. The manager lives in the server
 process, so a page reload or a second browser tab sees the same jobs; requests beyond the running one wait in a
 FIFO queue and know their position.
+See docs/ARCHITECTURE.md (The browser app).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Generation with adapters merged or toggled, and ``python -m dreambooth_dora.generate`` (docs/ARCHITECTURE.md: Entry points, The DoRA math).
+"""Generation with adapters merged or toggled, and ``python -m dreambooth_dora.generate``.
 
 ``Studio`` keeps one base pipeline loaded. Adapters are loaded once per file and switched by strength, on/off and
 mode without ever reloading the base: "merged" folds the enabled adapters into the weights (the base model's
 speed), "toggled" runs them as live layers (switching is free). Base weights are restored bit for bit whenever
 the merged set changes, in any dtype.
+See docs/ARCHITECTURE.md (Entry points, The DoRA math).
 """
 
 from __future__ import annotations

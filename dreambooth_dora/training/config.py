@@ -1,7 +1,8 @@
 """The training config: one typed, validated model (YAML in, YAML out), with ``--set key=value`` overrides.
 
-Field names follow diffusers' DreamBooth scripts so users' habits carry over (docs/ARCHITECTURE.md: Training). Validation happens
+Field names follow diffusers' DreamBooth scripts so users' habits carry over. Validation happens
 here, at the edge: every problem is reported at once, unknown keys get a "did you mean".
+See docs/ARCHITECTURE.md (Training).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""DreamBooth with DoRA: ``train(config, callbacks)`` and ``python -m dreambooth_dora.train`` (docs/ARCHITECTURE.md: Entry points, Training, Reliability).
+"""DreamBooth with DoRA: ``train(config, callbacks)`` and ``python -m dreambooth_dora.train``.
 
 One explicit loop with named stages. Everything random in a step (data order, crops, noise, timesteps, dropout)
 is derived from (seed, step), so a run resumed from a checkpoint reproduces an uninterrupted one exactly.
 
 Writes into ``output_dir``: adapter.safetensors (native, diffusers-loadable), adapter_kohya.safetensors,
 train_config.yaml, samples/, checkpoints/, log.csv and train.log. Only the main process writes.
+See docs/ARCHITECTURE.md (Entry points, Training, Reliability).
 """
 
 from __future__ import annotations

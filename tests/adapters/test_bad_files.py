@@ -1,4 +1,5 @@
-"""Bad adapter files: each gets a specific, teaching error and leaves the loaded model untouched (docs/ARCHITECTURE.md: Adapter files, Reliability)."""
+"""Bad adapter files: each gets a specific, teaching error and leaves the loaded model untouched.
+See docs/ARCHITECTURE.md (Adapter files, Reliability)."""
 
 import pickle
 import struct

@@ -1,4 +1,5 @@
-"""DoRA/LoRA layer invariants (docs/ARCHITECTURE.md: The DoRA math): identity at init, peft as the reference, merge, strength, caching."""
+"""DoRA/LoRA layer invariants: identity at init, peft as the reference, merge, strength, caching.
+See docs/ARCHITECTURE.md (The DoRA math)."""
 
 import copy
 
@@ -44,7 +45,7 @@ def _perturb(model, name="default", seed=1, b_std=0.2) -> None:
 
 
 def _explicit(w0, b, a, x):
-    """W' computed the plain way from docs/ARCHITECTURE.md (The DoRA math), for checking the factored/fused implementation."""
+    """W' computed the plain way (docs/ARCHITECTURE.md, The DoRA math), to check the factored implementation."""
     v = w0 + a.scaling * a.lora_B @ a.lora_A
     if a.kind == "dora":
         norm = v.norm(dim=1, keepdim=True) if a.axis == "out" else v.norm(dim=0, keepdim=True)

@@ -1,7 +1,8 @@
-"""The browser app end to end (docs/ARCHITECTURE.md: The browser app): ``python app.py`` on a free port, driven through Debian's headless
+"""The browser app end to end: ``python app.py`` on a free port, driven through Debian's headless
 Chromium with Playwright (shared/notes/gradio6-browser-tests.md). One server and one browser for the module, a
 fresh browser context per test. Trainings are tiny: builtin:tiny-sd15, 64 px, rank 4. Screenshots of every tab
 are written to tests/artifacts/ (git-ignored).
+See docs/ARCHITECTURE.md (The browser app).
 """
 
 import io

@@ -223,9 +223,9 @@ def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
     colours (the background comes from the prompt, not from the initial noise: zero-terminal-SNR schedule)."""
     import torch
     from diffusers import StableDiffusionPipeline
-    from dreambooth_dora.shipped import TOY_BASE_DIR
 
     from dreambooth_dora.sd.pipelines import load_pipeline
+    from dreambooth_dora.shipped import TOY_BASE_DIR
 
     stock = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR, local_files_only=True)
     assert stock.unet.config.sample_size == 16 and stock.vae_scale_factor == 4
