@@ -29,6 +29,19 @@ class AdapterError(ValueError):
     """A user-facing problem with adapter arguments or files; the message says what and how to fix it."""
 
 
+MAX_SCALE = 10.0  # |strength| of one adapter: beyond this the weights are far outside anything trained
+
+
+def check_scale(scale, what: str) -> float:
+    """``scale`` as a float, or AdapterError naming ``what`` when it is not a finite number within ±MAX_SCALE."""
+    ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale) <= MAX_SCALE
+    if not ok:  # NaN fails the comparison too
+        raise AdapterError(
+            f"strength {scale!r} for {what}: use a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (1 = as trained)"
+        )
+    return float(scale)
+
+
 def components(model) -> dict[str, nn.Module]:
     """{prefix: module}: the pipeline's adaptable components, or {"": model} for a bare module."""
     if isinstance(model, nn.Module):
@@ -197,8 +210,7 @@ def _editing(model) -> Iterator[None]:
 def set_adapter_scale(model, name: str, scale: float) -> None:
     """Strength λ of adapter ``name``: W = W0 + λ(W' − W0). λ=0 is the base model, λ=1 the trained adapter."""
     _require(model, name)
-    if not isinstance(scale, (int, float)) or not -10.0 <= scale <= 10.0 or scale != scale:
-        raise AdapterError(f"scale={scale!r} for adapter {name!r}: use a number in [-10, 10] (1 = as trained)")
+    scale = check_scale(scale, f"adapter {name!r}")
     with _editing(model):
         for _, _, layer in adapted_layers(model):
             if name in layer.adapters:

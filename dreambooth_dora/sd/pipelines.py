@@ -33,6 +33,8 @@ from dreambooth_dora.sd.fixtures import build_tiny_sd15, build_tiny_sdxl
 from dreambooth_dora.shipped import TOY_BASE_DIR, TOY_BUILD_COMMAND
 
 BUILTIN_PREFIX = "builtin:"
+# Precision names as configs and command lines spell them.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TINY_BUILDERS = {"tiny-sd15": build_tiny_sd15, "tiny-sdxl": build_tiny_sdxl}
 BUILTIN_NAMES: tuple[str, ...] = ("builtin:tiny-sd15", "builtin:tiny-sdxl", "builtin:toy")
 # torch pickles run arbitrary code when loaded, so checkpoints are accepted as safetensors only.

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, bake_adapters
+from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, bake_adapters, check_scale
 from dreambooth_dora.adapters.io import (
     OUR_KEY,
     atomic_save_file,
@@ -42,10 +42,8 @@ from dreambooth_dora.adapters.io import (
     save_adapter,
 )
 from dreambooth_dora.sd.ldm import LdmLayoutError, pipeline_to_ldm
-from dreambooth_dora.sd.pipelines import ModelLoadError, describe_architecture, load_pipeline
+from dreambooth_dora.sd.pipelines import DTYPES, ModelLoadError, describe_architecture, load_pipeline
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MAX_STRENGTH = 10.0
 # Keys of our adapter header that save_adapter writes itself; the rest (trigger phrase, base id, training
 # summary) is carried from the DoRA file into the LoRA made from it.
 _REGENERATED_METADATA = ("format_version", "kind", "rank", "alpha", "axis", "arch")
@@ -93,14 +91,6 @@ def _check_new_file(path: Path, flag: str) -> None:
         raise ExportError(f"{flag} {str(path)!r} already exists; choose a new file name or delete it first")
 
 
-def _check_strength(path: Path, strength: float) -> None:
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
-        raise ExportError(
-            f"strength {strength!r} for {path.name}: use a number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] "
-            "(1 = as trained, 0 = base model)"
-        )
-
-
 # -- merged full model ------------------------------------------------------------------------------------------
 
 
@@ -135,7 +125,7 @@ def export_merged(
     specs = [(Path(p), s) for p, s in adapters]
     for path, strength in specs:
         check_adapter_file(path)
-        _check_strength(path, strength)
+        check_scale(strength, path.name)
 
     pipe = load_pipeline(base, config=base_config)  # fp32: the merge is computed at full precision
     for i, (path, strength) in enumerate(specs):

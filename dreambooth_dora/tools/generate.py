@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth_dora.adapters.inject import (
     AdapterError,
+    check_scale,
     list_adapters,
     merge_adapters,
     remove_adapter,
@@ -36,7 +37,6 @@ from dreambooth_dora.adapters.io import AdapterFileError, load_adapter, parse_ad
 from dreambooth_dora.sd.pipelines import ModelLoadError, load_pipeline
 
 MODES = ("merged", "toggled")
-MAX_STRENGTH = 10.0
 
 
 class GenerationError(ValueError):
@@ -163,11 +163,7 @@ class Studio:
         for c in choices:
             if not c.path.is_file():
                 raise GenerationError(f"adapter file not found: {str(c.path)!r}")
-            if not (math.isfinite(c.strength) and -MAX_STRENGTH <= c.strength <= MAX_STRENGTH):
-                raise GenerationError(
-                    f"strength {c.strength} for {c.path.name} is outside [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] "
-                    "(1 = as trained, 0 = off)"
-                )
+            check_scale(c.strength, c.path.name)
         wanted = {c.path.resolve(): c for c in choices}
         was_merged = self.mode == "merged"
         unmerge_adapters(self.pipe)  # every change below starts from the exact base weights

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dreambooth_dora.adapters.inject import adapter_layers, add_adapter
 from dreambooth_dora.adapters.io import save_adapter
-from dreambooth_dora.sd.pipelines import ModelLoadError, describe_architecture, load_pipeline
+from dreambooth_dora.sd.pipelines import DTYPES, ModelLoadError, describe_architecture, load_pipeline
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.config import ConfigError, TrainConfig, load_config
 from dreambooth_dora.training.data import DataError, DreamBoothDataset
@@ -221,7 +221,7 @@ def _run(cfg: TrainConfig, cb: Callbacks, package_log: logging.Logger) -> TrainR
     dataset = _dataset(cfg, with_class_images=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     main = accelerator.is_main_process
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
     pipe = load_pipeline(cfg.base_model, torch_dtype=dtype, config=cfg.base_config)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; latents are cached or cheap anyway

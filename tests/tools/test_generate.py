@@ -177,7 +177,7 @@ BAD = {
     "unknown scheduler": (["--scheduler", "dpm+ 2m"], r"scheduler: unknown 'dpm\+_2m'.*Did you mean 'dpmpp_2m'"),
     "size": (["--width", "100"], r"width: 100 must be a multiple of 8"),
     "other architecture": (["--adapter", "XL"], r"trained for SDXL.*loaded base is"),
-    "strength": (["--adapter", "ONE:12"], r"strength 12.0 for one.safetensors is outside \[-10, 10\]"),
+    "strength": (["--adapter", "ONE:12"], r"strength 12.0 for one.safetensors: use a number in \[-10, 10\]"),
     "missing file": (["--adapter", "nowhere.safetensors"], r"adapter file not found: 'nowhere.safetensors'"),
     "empty prompt": (["--prompt", " "], r"prompt: empty"),
 }
