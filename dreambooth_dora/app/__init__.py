@@ -1,0 +1,1 @@
+"""The browser app: background training jobs and the tabs of app.py."""

@@ -1,0 +1,1 @@
+"""DreamBooth training: the config, image intake, prior-preservation images, the objective, checkpoints and the loop."""
