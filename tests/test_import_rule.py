@@ -18,7 +18,8 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def copy_of_the_package(tmp_path):
-    shutil.copytree(ROOT / "dreambooth_dora", tmp_path / "dreambooth_dora", ignore=shutil.ignore_patterns("__pycache__"))
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "dreambooth_dora", tmp_path / "dreambooth_dora", ignore=skip)
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     return tmp_path
 

@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 from huggingface_hub import is_offline_mode
 from safetensors import SafetensorError, safe_open
 
+from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.sd.fixtures import build_tiny_sd15, build_tiny_sdxl
 from dreambooth_dora.shipped import TOY_BASE_DIR, TOY_BUILD_COMMAND
 
@@ -128,9 +129,15 @@ def export_base(name: str, out_dir: str | Path, *, config: str | None = None) ->
     out = Path(out_dir)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ModelLoadError(f"export target {str(out)!r} exists and is not an empty folder. Choose a new folder.")
-    pipe = load_pipeline(name, config=config)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return save_pipeline(load_pipeline(name, config=config), out)
+
+
+def save_pipeline(pipe: DiffusionPipeline, out_dir: str | Path) -> Path:
+    """``save_pretrained`` (safetensors) into a temporary sibling folder renamed onto ``out_dir``: never half a
+    model under the final name."""
+    with atomic_path(out_dir, directory=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
 
 
 def _load(base: str, torch_dtype: torch.dtype, config: str | None) -> DiffusionPipeline:

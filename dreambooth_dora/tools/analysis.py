@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +43,9 @@ import yaml
 from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, remove_adapter
 from dreambooth_dora.adapters.io import load_adapter
 from dreambooth_dora.adapters.layers import KINDS
+from dreambooth_dora.runs import RunFolder
 from dreambooth_dora.sd.pipelines import ModelLoadError, load_pipeline
 
-_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 _NAME = "analysis"  # the name intermediate adapters are loaded under
 _KIND_LABELS = {"dora": "DoRA", "lora": "LoRA", "full": "full fine-tuning"}
 
@@ -120,17 +119,17 @@ class _Run:
 def _read_run(run_dir: Path) -> _Run:
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: not a folder; pass training output folders (the trainer's output_dir)")
-    cfg_path = run_dir / "train_config.yaml"
+    run = RunFolder(run_dir)
+    cfg_path = run.config
     if not cfg_path.is_file():
-        raise AnalysisError(f"{run_dir}: no train_config.yaml; pass a folder written by dreambooth_dora.train")
+        raise AnalysisError(f"{run_dir}: no {cfg_path.name}; pass a folder written by dreambooth_dora.train")
     try:
         cfg = yaml.safe_load(cfg_path.read_text())
     except yaml.YAMLError as err:
         raise AnalysisError(f"{cfg_path}: not valid YAML: {err}") from None
     if not isinstance(cfg, dict) or not cfg.get("base_model") or cfg.get("kind") not in KINDS:
         raise AnalysisError(f"{cfg_path}: needs base_model and kind ({' or '.join(KINDS)}); is it a training config?")
-    found = [(_STEP_FILE.match(p.name), p) for p in (run_dir / "intermediate").glob("step-*.safetensors")]
-    files = sorted((int(m.group(1)), p) for m, p in found if m)
+    files = run.intermediate_adapters()
     if not files:
         raise AnalysisError(
             f"{run_dir}: no intermediate adapters (intermediate/step-NNNNNN.safetensors). Train with "

@@ -23,9 +23,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +40,7 @@ from dreambooth_dora.adapters.io import (
     save_adapter,
 )
 from dreambooth_dora.sd.ldm import LdmLayoutError, pipeline_to_ldm
-from dreambooth_dora.sd.pipelines import DTYPES, ModelLoadError, describe_architecture, load_pipeline
+from dreambooth_dora.sd.pipelines import DTYPES, ModelLoadError, describe_architecture, load_pipeline, save_pipeline
 
 # Keys of our adapter header that save_adapter writes itself; the rest (trigger phrase, base id, training
 # summary) is carried from the DoRA file into the LoRA made from it.
@@ -143,24 +141,12 @@ def export_merged(
     # Built (and checked: every tensor must have an ldm name) before anything is written.
     ldm = {k: v.detach().contiguous() for k, v in pipeline_to_ldm(pipe, arch).items()} if single else None
     if out is not None:
-        _save_folder_atomically(pipe, out)
+        save_pipeline(pipe, out)
     if single is not None:
         label = next(k for k, v in DTYPES.items() if v == dtype)
         header = {"adapters": [[str(p), s] for p, s in specs], "arch": arch, "base": base, "dtype": label}
         atomic_save_file(ldm, single, {OUR_KEY: json.dumps(header, sort_keys=True)})
     return ExportReport(base, arch, tuple(specs), baked, dtype, out, single)
-
-
-def _save_folder_atomically(pipe, out: Path) -> None:
-    """save_pretrained into a hidden sibling folder, then rename it onto ``out`` (absent or empty)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, out)  # POSIX rename replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -- DoRA → plain LoRA ------------------------------------------------------------------------------------------

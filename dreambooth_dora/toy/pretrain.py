@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.sd.fixtures import load_tokenizer
 from dreambooth_dora.toy import world as toy_world
 
@@ -115,9 +116,8 @@ def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
 
 
 def _save(work: Path, name: str, state: dict) -> None:
-    tmp = work / f".{name}.tmp"
-    torch.save(state, tmp)  # our own work files, never user input
-    tmp.replace(work / name)
+    with atomic_path(work / name) as tmp:
+        torch.save(state, tmp)  # our own work files, never user input
 
 
 def _load(work: Path, name: str) -> dict | None:
