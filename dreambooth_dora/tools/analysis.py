@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from dreambooth_dora import threads
 from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, remove_adapter
 from dreambooth_dora.adapters.io import load_adapter
 from dreambooth_dora.adapters.layers import KINDS
@@ -279,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="training output folders")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the CSV and PNG")
     parser.add_argument("--layers", metavar="PATTERN", help='only matching layers: substring or glob ("attn1.to_q")')
+    threads.add_argument(parser)
     args = parser.parse_args(argv)
+    threads.apply(args.threads)
     try:
         result = analyze_runs(args.runs, args.out, layers=args.layers)
     except AnalysisError as err:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from dreambooth_dora import threads
 from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, bake_adapters, check_scale
 from dreambooth_dora.adapters.io import (
     OUR_KEY,
@@ -247,12 +248,15 @@ def _parser() -> argparse.ArgumentParser:
     svd.add_argument("--out", required=True, metavar="FILE.safetensors")
     svd.add_argument("--format", choices=["native", "kohya"], default="native")
     svd.add_argument("--base-config", help="diffusers folder of the same architecture, for single-file bases")
+    for sub in (merged, svd):
+        threads.add_argument(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dreambooth_dora.export``; returns the exit status (2 on any error)."""
     args = _parser().parse_args(argv)
+    threads.apply(args.threads)
     try:
         if args.command == "merged":
             report = export_merged(

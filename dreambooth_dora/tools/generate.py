@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from dreambooth_dora import threads
 from dreambooth_dora.adapters.inject import (
     AdapterError,
     check_scale,
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", default="default", help=", ".join(SCHEDULER_NAMES))
     p.add_argument("--out", required=True, type=Path)
+    threads.add_argument(p)
     a = p.parse_args(argv)
+    threads.apply(a.threads)
     settings = Settings(
         a.prompt, a.negative_prompt, a.steps, a.guidance, a.width, a.height, a.seed, a.num_images, a.scheduler
     )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dreambooth_dora import threads
 from dreambooth_dora.toy import world as tw
 
 STEPS, GUIDANCE, BATCH = 20, 5.0, 16
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--grid", type=Path, help="write a labelled sample sheet here")
+    threads.add_argument(p)
     a = p.parse_args(argv)
+    threads.apply(a.threads)
     pipe = load_pipeline(a.base)
     if a.adapter:
         load_adapter(pipe, a.adapter)

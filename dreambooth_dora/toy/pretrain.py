@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth_dora import threads
 from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.sd.fixtures import load_tokenizer
 from dreambooth_dora.toy import world as toy_world
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work (otherwise it must be empty)")
+    threads.add_argument(p)
     a = p.parse_args(argv)
+    threads.apply(a.threads)
     if a.work.exists() and any(a.work.iterdir()) and not a.resume:
         print(
             f"error: {a.work} holds an earlier run; pass --resume to continue it or choose another --work",
