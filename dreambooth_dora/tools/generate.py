@@ -16,12 +16,14 @@ import math
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
 from dreambooth_dora import threads
 from dreambooth_dora.adapters.inject import (
@@ -201,8 +203,9 @@ class Studio:
         return cls.from_config(self._default_scheduler.config, **extra)
 
     @torch.no_grad()
-    def generate(self, settings: Settings) -> list[GeneratedImage]:
-        """Images for ``settings``; image i uses seed + i and can be reproduced alone, bit for bit."""
+    def generate(self, settings: Settings, on_step: Callable[[int, int], None] | None = None) -> list[GeneratedImage]:
+        """Images for ``settings``; image i uses seed + i and can be reproduced alone, bit for bit.
+        ``on_step(done, total)`` is called after every denoising step of every image."""
         check_settings(settings)
         seed = settings.seed if settings.seed is not None else random.randrange(2**31)
         size = self.native_size
@@ -219,6 +222,7 @@ class Studio:
                 width=width,
                 height=height,
                 generator=torch.Generator().manual_seed(seed + i),
+                callback_on_step_end=_step_reporter(on_step, i, settings) if on_step else None,
             ).images[0]
             for i in range(settings.num_images)
         ]
@@ -238,6 +242,17 @@ class Studio:
             "mode": self.mode if adapters else "base",
         }
         return [GeneratedImage(img, {**common, "seed": seed + i}) for i, img in enumerate(images)]
+
+
+def _step_reporter(on_step: Callable[[int, int], None], image: int, settings: Settings):
+    """A diffusers ``callback_on_step_end`` that reports overall progress over all images."""
+    total = settings.steps * settings.num_images
+
+    def report(pipe, step: int, timestep, tensors: dict) -> dict:
+        on_step(min(total, image * settings.steps + step + 1), total)
+        return tensors
+
+    return report
 
 
 def _png_info(params: dict) -> PngInfo:
@@ -300,9 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(settings)
         choices = [AdapterChoice.parse(s) for s in a.adapter]
+        print(f"loading {a.base}…", file=sys.stderr, flush=True)
         studio = Studio(a.base, base_config=a.base_config)
         studio.use(choices, a.mode)
-        paths = save_images(studio.generate(settings), a.out)
+        with tqdm(total=settings.steps * settings.num_images, desc="sampling", unit="step") as bar:
+            images = studio.generate(settings, on_step=lambda done, total: bar.update(done - bar.n))
+        paths = save_images(images, a.out)
     except (GenerationError, AdapterError, AdapterFileError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -135,6 +135,17 @@ def test_every_scheduler_generates(name):
     assert out[0].image.size == (64, 64) and out[0].params["scheduler"] == name
 
 
+def test_progress_is_reported_per_step_without_changing_the_images():
+    studio = Studio("builtin:tiny-sd15")
+    settings = Settings("a heart", steps=3, width=64, height=64, seed=5, num_images=2)
+    seen: list[tuple[int, int]] = []
+    reported = studio.generate(settings, on_step=lambda done, total: seen.append((done, total)))
+    quiet = studio.generate(settings)
+    assert seen == [(d, 6) for d in range(1, 7)]
+    for a, b in zip(reported, quiet, strict=True):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
 def test_sdxl_merged_equals_toggled(files):
     studio = Studio("builtin:tiny-sdxl")
     studio.use([AdapterChoice(files["xl"])], "toggled")
