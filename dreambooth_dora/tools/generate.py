@@ -245,11 +245,12 @@ class Studio:
 
 
 def _step_reporter(on_step: Callable[[int, int], None], image: int, settings: Settings):
-    """A diffusers ``callback_on_step_end`` that reports overall progress over all images."""
-    total = settings.steps * settings.num_images
+    """A diffusers ``callback_on_step_end`` that reports overall progress over all images (a scheduler may run a
+    step or two more than asked: PNDM repeats its first timestep)."""
 
     def report(pipe, step: int, timestep, tensors: dict) -> dict:
-        on_step(min(total, image * settings.steps + step + 1), total)
+        per_image = max(pipe.num_timesteps, step + 1)
+        on_step(image * per_image + step + 1, settings.num_images * per_image)
         return tensors
 
     return report
@@ -290,6 +291,11 @@ def save_images(images: list[GeneratedImage], out_dir: Path, prefix: str = "imag
     return paths
 
 
+def _advance(bar: tqdm, done: int, total: int) -> None:
+    bar.total = total
+    bar.update(done - bar.n)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dreambooth_dora.generate", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="builtin:toy", help="builtin:*, hub id, diffusers folder or .safetensors")
@@ -315,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_settings(settings)
         choices = [AdapterChoice.parse(s) for s in a.adapter]
-        print(f"loading {a.base}…", file=sys.stderr, flush=True)
+        print(f"loading {a.base}…", flush=True)
         studio = Studio(a.base, base_config=a.base_config)
         studio.use(choices, a.mode)
         with tqdm(total=settings.steps * settings.num_images, desc="sampling", unit="step") as bar:
-            images = studio.generate(settings, on_step=lambda done, total: bar.update(done - bar.n))
+            images = studio.generate(settings, on_step=lambda done, total: _advance(bar, done, total))
         paths = save_images(images, a.out)
     except (GenerationError, AdapterError, AdapterFileError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
