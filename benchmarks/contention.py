@@ -28,12 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS_ONLY = ["with_prior_preservation=false", "lr_warmup_steps=0"]  # the loop alone: no class images
 COMPETITOR = (
-    "import torch\n"
-    "torch.set_num_threads(2)\n"
-    "a = torch.randn(768, 768)\n"
-    "while True:\n"
-    "    a = (a @ a).clamp_(-1, 1)\n"
+    "import torch\ntorch.set_num_threads(2)\na = torch.randn(768, 768)\nwhile True:\n    a = (a @ a).clamp_(-1, 1)\n"
 )
 
 
@@ -47,7 +44,8 @@ def _train(repo: Path, out: Path, sets: list[str], extra_env: dict[str, str]) ->
     cmd = [sys.executable, "-m", "dreambooth_dora.train", "--config", "training_configs/toy_subject.yaml"]
     cmd += ["--set", f"output_dir={out}", *sets]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=repo, env=_clean_env(repo, extra_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = _clean_env(repo, extra_env)
+    done = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if done.returncode != 0:
         sys.exit(f"the trainer failed ({done.returncode}):\n{done.stderr.decode()[-2000:]}")
     return time.perf_counter() - t0
@@ -80,7 +78,7 @@ def measure(repo: Path, rounds: int, steps: int, skip: int, quickstart: bool, en
         for label in ("quiet", "contended") if r % 2 == 0 else ("contended", "quiet"):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "run"
-                sets = [] if quickstart else ["with_prior_preservation=false", f"max_train_steps={steps}", "lr_warmup_steps=0"]
+                sets = [] if quickstart else STEPS_ONLY + [f"max_train_steps={steps}"]
                 sets += ["validation_prompt=null", "save_intermediate_every=null", f"checkpointing_steps={10**6}"]
                 if label == "contended":
                     with Competitor():
