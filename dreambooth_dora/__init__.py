@@ -8,13 +8,14 @@ docs/ARCHITECTURE.md.
 import sys
 from importlib import import_module
 
-from dreambooth_dora import _legacy, threads
+from dreambooth_dora import _legacy, notices, threads
 
 # `python -m dreambooth_dora.<command>` imports this package before the command's module (argv[0] is "-m"
 # meanwhile): the one moment every command passes before torch starts its threads. Importing the package from
 # a script of your own changes nothing.
 if sys.argv[:1] == ["-m"]:
     threads.configure(threads.requested(sys.argv))
+    notices.quiet()
 
 _EXPORTS = {
     "AdapterError": "adapters.inject",
