@@ -117,6 +117,17 @@ class TrainConfig(BaseModel):
 
 
 FIELDS = tuple(TrainConfig.model_fields)
+# Bounds on what a config may make us parse and print (a YAML alias bomb expands ×9 per level; a file of 190,000
+# unknown keys once printed 163 MB of errors).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_ALIASES = 64  # YAML aliases (*name) in one config: plenty for real reuse, far below a bomb
+MAX_PROBLEMS = 20  # problems listed in one error; the rest are counted
+MAX_SHOWN = 120  # characters of a bad value shown in a message
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}… ({len(text)} characters)"
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -124,24 +135,42 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][0])
         hint = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-        return f"{key}: unknown key" + (
-            f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(FIELDS)}"
-        )
+        return f"{_shown(key)[1:-1]}: unknown key" + (f"; did you mean '{hint[0]}'?" if hint else "")
     if err["type"] == "missing":
         return f"{where}: required, not set"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg} (got {err.get('input')!r})" if where != "config" else msg
+    return f"{where}: {msg} (got {_shown(err.get('input'))})" if where != "config" else msg
 
 
 def validate(data: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig, raising ConfigError that lists every problem at once."""
+    """Build a TrainConfig, raising ConfigError that lists every problem at once (the first MAX_PROBLEMS)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a training config is a mapping of key: value, got {type(data).__name__}")
     try:
         return TrainConfig(**data)
     except ValidationError as e:
-        lines = "\n  ".join(_describe(err) for err in e.errors())
-        raise ConfigError(f"invalid training config:\n  {lines}") from None
+        errors = e.errors()
+        lines = [_describe(err) for err in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            lines.append(f"… and {len(errors) - MAX_PROBLEMS} more problems")
+        if any(err["type"] == "extra_forbidden" for err in errors):
+            lines.append(f"valid keys: {', '.join(FIELDS)}")
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(lines)) from None
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with bounds: at most MAX_ALIASES aliases; a parse error becomes a ConfigError."""
+    try:
+        aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_ALIASES:
+            raise ConfigError(
+                f"{where}: uses {aliases} YAML aliases (*name); at most {MAX_ALIASES} are accepted. Write the "
+                "values out instead of repeating anchors."
+            )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(line.strip() for line in first[:4])}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -151,9 +180,26 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {pair!r} (e.g. --set max_train_steps=200)")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"--set expects key=value, got {_shown(pair)} (e.g. --set max_train_steps=200)")
+        where = f"--set {_shown(pair)}"
+        try:
+            out[key.strip()] = read_yaml(value, where) if value.strip() else None
+        except ConfigError as e:
+            raise ConfigError(f"{e}. Quote a value with special characters: --set 'instance_prompt=\"a: b\"'") from None
     return out
+
+
+def _read_text(path: Path) -> str:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is not a training config (at most {MAX_CONFIG_BYTES} bytes)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at position {e.start}); save the file as UTF-8"
+        ) from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, **extra) -> TrainConfig:
@@ -164,10 +210,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {str(path)!r} (see training_configs/ for presets)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(_read_text(path), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a training config is a mapping of key: value")
     data.update(parse_overrides(overrides or []))

@@ -70,3 +70,48 @@ def test_presets_validate_and_document_their_command(preset):
     assert f"python -m dreambooth_dora.train --config training_configs/{preset}" in text
     cfg = load_config(path)
     assert cfg.resolution % 8 == 0 and cfg.instance_prompt
+
+
+def test_a_config_that_is_not_utf8_is_named_with_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("instance_prompt: a photo of sks café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at position 35\); save the file as UTF-8"):
+        load_config(path)
+
+
+def test_a_set_value_that_is_not_yaml_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match=r"--set 'rank=\[1': not valid YAML: .*Quote a value"):
+        parse_overrides(["rank=[1"])
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]  # 9^9 strings if expanded
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"uses 72 YAML aliases \(\*name\); at most 64 are accepted") as err:
+        load_config(path)
+    assert len(str(err.value)) < 500
+
+
+def test_many_unknown_keys_give_a_short_error(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("".join(f"key_{i}: {i}\n" for i in range(20_000)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "key_0: unknown key" in text and "… and 19982 more problems" in text  # 2 required keys are missing too
+    assert text.count("valid keys:") == 1 and len(text) < 5_000
+
+
+def test_a_file_too_large_for_a_config_is_refused_unread(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("".join(f"key_{i}: {i}\n" for i in range(190_000)))
+    with pytest.raises(ConfigError, match=r"keys.yaml: 3387780 bytes is not a training config \(at most 1000000"):
+        load_config(path)
+
+
+def test_a_huge_value_is_shown_cut():
+    with pytest.raises(ConfigError) as err:
+        validate({**BASE, "rank": "9" * 100_000})
+    assert "… (100002 characters)" in str(err.value) and len(str(err.value)) < 1_000
