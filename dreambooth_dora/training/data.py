@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", 
 MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: above any camera photo users train on, far below a bomb
 Rng = random.Random | np.random.Generator
 _FIX = "Remove the file from the folder, or re-export it as PNG or JPEG."
+_FIX_META = "Re-save the image without its metadata (any image editor's export does)."
 _FIX_LARGE = "Downscale it (training uses at most ~1024 px per side), or raise max_pixels."
 
 
@@ -89,6 +90,8 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_si
         ) from e
     except OSError as e:  # Pillow's decoders fail this way on a header cut short
         raise ImageFileError(path, f"corrupt or truncated image ({e})") from e
+    except ValueError as e:  # e.g. a PNG text chunk that decompresses past Pillow's safety limit
+        raise ImageFileError(path, f"unsafe or corrupt image metadata ({e})", _FIX_META) from e
     with img:
         pixels = img.width * img.height
         if pixels > max_pixels:

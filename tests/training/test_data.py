@@ -358,3 +358,24 @@ def test_jpeg_cut_inside_its_header_is_called_truncated(tmp_path):
     path.write_bytes(buf.getvalue()[:120])
     with pytest.raises(ImageFileError, match="corrupt or truncated"):
         load_image(path)
+
+
+def _png_with_huge_text_chunk(path: Path, mb: int = 200) -> Path:
+    """A valid small PNG carrying a zTXt chunk that decompresses to ``mb`` MB (a few hundred KB on disk)."""
+    buf = BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, format="PNG")
+    png = buf.getvalue()
+    data = b"Comment\x00\x00" + zlib.compress(b"\x00" * (mb * 2**20), 9)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + data) & 0xFFFFFFFF)
+    path.write_bytes(png[:33] + chunk + png[33:])  # after the 8-byte signature and the IHDR chunk
+    return path
+
+
+def test_an_image_with_a_metadata_bomb_is_skipped_and_listed_not_fatal(tmp_path):
+    _solid(tmp_path / "good.png")
+    _png_with_huge_text_chunk(tmp_path / "bomb.png")
+    report = scan_images(tmp_path)
+    assert [p.name for p in report.images] == ["good.png"]
+    ((path, reason),) = report.skipped
+    assert path.name == "bomb.png" and reason.startswith("unsafe or corrupt image metadata")
