@@ -8,6 +8,8 @@ distribution → % correct background, object colour, shape, and all three; the 
 out of pretraining (composition, not memorisation). With an adapter: identifier prompts "a sks heart on a {bg}
 background" → % showing the subject, % with the asked background; class prompts "a heart on a {bg} background"
 → % showing the subject anyway (the drift check), % with the asked background, % drawing an ordinary heart.
+Forgetting: what personalization cost the rest of the world — the base-world accuracy (all three right on
+prompts of the training distribution) with the adapter, against the same prompts and seeds without it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dreambooth_dora import threads
+from dreambooth_dora.adapters.inject import disable_adapters
 from dreambooth_dora.toy import world as tw
 
 STEPS, GUIDANCE, BATCH = 20, 5.0, 16
@@ -104,6 +107,20 @@ def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sampl
     return rates, samples
 
 
+FORGETTING_KEYS = ("base world: all three % without adapter", "base world: all three % with adapter", "forgetting")
+
+
+def evaluate_forgetting(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sample]]:
+    """Base-world accuracy ("all three") with the pipeline's enabled adapters and without them (same prompts,
+    same seeds); ``forgetting`` = without − with, in points (0: nothing lost; larger: worse)."""
+    with disable_adapters(pipe):
+        before, _ = evaluate_base(pipe, n, seed)
+    after, samples = evaluate_base(pipe, n, seed)
+    rates = dict(zip(FORGETTING_KEYS, (before["all three"], after["all three"], 0.0), strict=True))
+    rates["forgetting"] = before["all three"] - after["all three"]
+    return rates, samples
+
+
 def grid(samples: list[Sample], path: Path, cols: int = 8, scale: int = 2) -> Path:
     """A labelled contact sheet: each image with ✓/✗ for its checks."""
     w = 64 * scale
@@ -137,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.adapter:
         load_adapter(pipe, a.adapter)
         rates, samples = evaluate_subject(pipe, a.samples, a.seed)
+        rates |= evaluate_forgetting(pipe, a.samples, a.seed)[0]
         for k, v in rates.items():
             print(f"{k:42s} {v:5.1f}")
     else:

@@ -259,3 +259,19 @@ def test_every_scheduler_of_the_generate_tab_draws_the_asked_scene_on_builtin_to
         images = [g.image for g in studio.generate(settings)]
         correct = sum(tw.check_caption(image, prompt)["all"] for image in images)
         assert correct >= 3, f"scheduler {name}: {correct}/4 images show {prompt!r}"
+
+
+def test_forgetting_is_zero_for_an_adapter_that_changes_nothing_and_large_for_one_that_breaks_the_model():
+    from dreambooth_dora.adapters.inject import add_adapter
+    from dreambooth_dora.sd.pipelines import load_pipeline
+    from dreambooth_dora.toy.eval import evaluate_forgetting
+    from tests.helpers import perturb
+
+    pipe = load_pipeline("builtin:toy")
+    add_adapter(pipe, rank=4)  # B = 0: the adapted model is the base model
+    rates, _ = evaluate_forgetting(pipe, n=8, seed=3)
+    assert rates["forgetting"] == 0.0 and rates["base world: all three % without adapter"] >= 75.0
+    perturb(pipe, b_std=2.0)  # a wrecked model
+    broken, _ = evaluate_forgetting(pipe, n=8, seed=3)
+    assert broken["base world: all three % without adapter"] == rates["base world: all three % without adapter"]
+    assert broken["forgetting"] >= 50.0
