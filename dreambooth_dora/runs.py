@@ -23,6 +23,8 @@ Imports nothing from the package, so every layer may use it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -32,7 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
 _STEP = re.compile(r"^step-(\d+)$")
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is writing this run folder; the message names it."""
 
 
 def step_name(step: int) -> str:
@@ -130,6 +137,41 @@ class RunFolder:
     @property
     def instance_images(self) -> Path:
         return self.root / "instance_images"
+
+    # -- one writer at a time, and no leftovers ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one run: a second run (or a resume) on the same folder while this one writes is
+        refused with RunFolderBusy naming the first one's process. The lock is the kernel's (``flock``), so a
+        killed run releases it by dying; the lock file only records who holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise RunFolderBusy(
+                    f"{self.root} is in use by a training run (PID {holder}); wait for it to finish, stop it, "
+                    "or choose another output_dir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete what interrupted atomic writes left behind (``.tmp-…`` files and folders) in the run folder and
+        its subfolders; call it only while holding ``lock()``. Returns what was removed."""
+        found = [p for folder in (self.root, self.checkpoints, self.intermediate, self.samples) if folder.is_dir()
+                 for p in folder.glob(f"{TMP_PREFIX}*")]  # fmt: skip
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        return found
 
 
 # -- atomic writes ----------------------------------------------------------------------------------------------
