@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -144,6 +143,8 @@ class RunFolder:
         """Hold the folder for one run: a second run (or a resume) on the same folder while this one writes is
         refused with RunFolderBusy naming the first one's process. The lock is the kernel's (``flock``), so a
         killed run releases it by dying; the lock file only records who holds it."""
+        import fcntl  # POSIX only, like the rest of the trainer's process handling
+
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
