@@ -13,7 +13,6 @@ whose other indices already exist is still generated whole and the extra images 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.training.data import MAX_IMAGE_PIXELS, DataError, scan_images
 
 CLASS_IMAGE_NAME = "class_{:06d}.png"
@@ -146,14 +146,6 @@ def _generate(
 
 def _save_png(image: Image.Image, path: Path) -> Path:
     """Write ``image`` as ``path`` atomically: a reader (or a killed run) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
