@@ -5,22 +5,23 @@
         optimizer.safetensors   the optimizer's per-parameter tensors ("<param index>.<name>")
         state.json              step, optimizer scalars and param groups, lr scheduler, grad scaler, config
 
-A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write leaves the
-previous checkpoints intact and never a half-written one.
+A checkpoint is written through ``runs.atomic_path`` (a temporary folder renamed into place), so a crash mid-write
+leaves the previous checkpoints intact and never a half-written one. Its place and name come from ``RunFolder``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "step-"
+from dreambooth_dora.runs import atomic_path, parse_step
+
+# the files inside a checkpoint folder (this module's own format)
+ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE = "adapter.safetensors", "optimizer.safetensors", "state.json"
 
 
 class CheckpointError(ValueError):
@@ -47,7 +48,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(
-    root: Path,
+    folder: Path,
     step: int,
     params: dict[str, torch.Tensor],
     optimizer,
@@ -55,34 +56,26 @@ def save_checkpoint(
     extra: dict,
     keep: int | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; keep only the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "adapter.safetensors"))
+    """Write checkpoint ``step`` as ``folder`` (``RunFolder.checkpoint(step)``) atomically; then keep only the
+    newest ``keep`` checkpoints beside it."""
+    with atomic_path(folder, directory=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / ADAPTER_FILE))
         opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(), **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=float))
     if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
+        for old in list_checkpoints(folder.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+    return folder
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root`` (``RunFolder.checkpoints``), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [(parse_step(p.name), p) for p in root.iterdir() if p.is_dir() and (p / STATE_FILE).is_file()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
 def resolve(spec: str, root: Path) -> Path:
@@ -93,9 +86,9 @@ def resolve(spec: str, root: Path) -> Path:
             raise CheckpointError(f"resume 'latest': no checkpoint in {root} yet; start without --resume")
         return found[-1]
     path = Path(spec)
-    if not (path / "state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise CheckpointError(
-            f"resume: {spec!r} is not a checkpoint folder (expected {PREFIX}NNNNNN/ with state.json); "
+            f"resume: {spec!r} is not a checkpoint folder (expected step-NNNNNN/ with {STATE_FILE}); "
             f"use 'latest' or one of the folders in <output_dir>/checkpoints"
         )
     return path
@@ -103,8 +96,8 @@ def resolve(spec: str, root: Path) -> Path:
 
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler) -> dict:
     """Restore params, optimizer and scheduler in place; returns state.json (step, extras)."""
-    state = json.loads((path / "state.json").read_text())
-    saved = load_file(str(path / "adapter.safetensors"))
+    state = json.loads((path / STATE_FILE).read_text())
+    saved = load_file(str(path / ADAPTER_FILE))
     if saved.keys() != params.keys():
         missing, extra = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
         raise CheckpointError(
@@ -116,6 +109,6 @@ def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, lr_s
             if saved[name].shape != p.shape:
                 raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)}, expected {tuple(p.shape)}")
             p.copy_(saved[name])
-    optimizer.load_state_dict(_join_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    optimizer.load_state_dict(_join_optimizer(load_file(str(path / OPTIMIZER_FILE)), state["optimizer"]))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dreambooth_dora.runs import RunFolder
+
 
 class ConfigError(ValueError):
     """A user-facing config problem; the message lists every problem with its field, value and fix."""
@@ -110,7 +112,7 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_class_dir(self) -> Path:
-        return self.class_data_dir or self.output_dir / "class_images"
+        return self.class_data_dir or RunFolder(self.output_dir).class_images
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

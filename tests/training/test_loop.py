@@ -220,6 +220,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "adapter.safetensors")).values())
 
 
+def test_nan_stop_leaves_no_file_open_and_closes_the_progress_bar(tmp_path):
+    """The run log closes log.csv, train.log, TensorBoard and the progress bar on a NaN stop too, even while the
+    exception (and with it the trainer's frames, as a notebook's last traceback does) is still alive."""
+    import psutil
+    from tqdm.std import tqdm
+
+    bars_before = set(tqdm._instances)
+    with pytest.raises(TrainingError, match="loss became nan") as stopped:
+        train(_cfg(tmp_path, learning_rate=1e30, max_train_steps=20, checkpointing_steps=1, max_grad_norm=1e30))
+    run = (tmp_path / "run").resolve()
+    assert (run / "log.csv").is_file() and (run / "train.log").is_file()
+    still_open = [f.path for f in psutil.Process().open_files() if Path(f.path).is_relative_to(run)]
+    assert still_open == [], still_open
+    assert [b.desc for b in set(tqdm._instances) - bars_before] == []
+    assert stopped.value is not None  # the traceback was alive during the checks above
+
+
 def test_two_processes_write_one_adapter(tmp_path):
     cmd = [
         sys.executable,
@@ -306,6 +323,18 @@ def test_bad_input_is_explained_and_writes_nothing(case, tmp_path, capsys):
 
     assert re.search(needle, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, nothing written
+
+
+def test_an_unavailable_optimizer_is_explained_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # adamw8bit needs a CUDA GPU
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, optimizer="adamw8bit")))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'adamw8bit' needs the bitsandbytes package and a CUDA GPU" in err and "use optimizer: adamw" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_full_fine_tuning_baseline_trains_the_target_weights(tmp_path):

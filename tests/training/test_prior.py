@@ -50,7 +50,7 @@ def test_fills_the_folder_and_continues_exactly_like_a_fresh_run(tmp_path, tiny_
     (tmp_path / "class" / "class_000001.png").write_bytes(b"broken")
     again = ensure_class_images(tiny_sd15, "a dog", tmp_path / "class", 5, **FAST)
     assert _bytes(again) == _bytes(grown)
-    assert not [p for p in (tmp_path / "class").iterdir() if p.suffix == ".tmp"]  # no temp files left
+    assert not [p for p in (tmp_path / "class").iterdir() if p.name.startswith(".")]  # no temp files left
 
     ds = DreamBoothDataset(tmp_path / "class", "sks dog", 64, class_dir=tmp_path / "class", class_prompt="a dog")
     assert ds.class_images == grown  # the dataset uses the same images in the same order
