@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -125,6 +126,30 @@ MAX_CONFIG_BYTES = 1_000_000
 MAX_ALIASES = 64  # YAML aliases (*name) in one config: plenty for real reuse, far below a bomb
 MAX_PROBLEMS = 20  # problems listed in one error; the rest are counted
 MAX_SHOWN = 120  # characters of a bad value shown in a message
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "one of " + "|".join(str(v) for v in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", None) if get_origin(annotation) is None else str(annotation)
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+
+
+def describe_keys() -> str:
+    """Every config key with its type and default, one per line (``train --help-config``)."""
+    lines = []
+    for name, info in TrainConfig.model_fields.items():
+        kind = _type_name(info.annotation)
+        default = "required" if info.is_required() else f"default {info.default!r}"
+        limits = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in _BOUNDS.items() if hasattr(m, attr)]
+        lines.append(f"  {name}: {kind} ({default}{'; ' + ', '.join(limits) if limits else ''})")
+    return "\n".join(lines)
 
 
 def _shown(value: Any) -> str:

@@ -21,11 +21,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth_dora import threads
+from dreambooth_dora.runs import RunFolderBusy
 from dreambooth_dora.sd.pipelines import ModelLoadError
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training import outputs, setup
 from dreambooth_dora.training.batches import Batches, LatentCache, TextCache
-from dreambooth_dora.training.config import ConfigError, TrainConfig, load_config
+from dreambooth_dora.training.config import ConfigError, TrainConfig, describe_keys, load_config
 from dreambooth_dora.training.data import DataError
 from dreambooth_dora.training.runlog import Callbacks, RunLog, StepInfo
 from dreambooth_dora.training.step import TrainingError, train_step
@@ -75,8 +77,8 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     else:
         cfg = load_config(config) if isinstance(config, (str, Path)) else load_config(**config)
     cb = callbacks or Callbacks()
-    inputs = setup.check_inputs(cfg)  # everything checked; train_config.yaml is the first file written
-    with RunLog(inputs.run, cb, total=cfg.max_train_steps, enabled=inputs.main) as runlog:
+    inputs = setup.check_inputs(cfg)  # everything checked before the first write
+    with setup.own_output(inputs), RunLog(inputs.run, cb, total=cfg.max_train_steps, enabled=inputs.main) as runlog:
         s = setup.open_session(inputs)
         status, step, last_ckpt = _steps(s, runlog, cb)
         s.accelerator.wait_for_everyone()
@@ -91,6 +93,7 @@ def _steps(s: setup.Session, runlog: RunLog, cb: Callbacks) -> tuple[str, int, P
     batches = Batches(s.dataset, cfg.train_batch_size, cfg.gradient_accumulation_steps, s.world, s.rank, latents)
     text = TextCache(s.pipe, s.device, enabled=not cfg.train_text_encoder)  # frozen encoders: embed each prompt once
     status, last_ckpt, step = "finished", None, s.start
+    balancer = threads.Balancer()  # follows other processes' load when the thread count was chosen for the user
     runlog.start(s.start)
     if step == 0:
         outputs.save_intermediate(s, 0)
@@ -98,6 +101,8 @@ def _steps(s: setup.Session, runlog: RunLog, cb: Callbacks) -> tuple[str, int, P
         while step < cfg.max_train_steps:
             loss = train_step(s, batches, text, step)
             step += 1
+            if (n := balancer.tick()) is not None:
+                log.info("CPU threads now %d: other processes are using the rest", n)
             runlog.step(step, loss, s.lr_scheduler.get_last_lr()[0])
             if outputs.wants_samples(s, step):
                 runlog.samples(step, outputs.validation_images(s, step))
@@ -112,17 +117,29 @@ def _steps(s: setup.Session, runlog: RunLog, cb: Callbacks) -> tuple[str, int, P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_dora.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file (see training_configs/)")
+    parser = argparse.ArgumentParser(
+        prog="python -m dreambooth_dora.train",
+        description=__doc__.split("\n")[0],
+        epilog="Config keys: --help-config lists them; training_configs/ has commented presets.",
+    )
+    parser.add_argument("--config", help="YAML file (see training_configs/); required unless --help-config")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with type and default")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--resume", metavar="latest|PATH", help="resume from a checkpoint")
+    threads.add_argument(parser)
     args = parser.parse_args(argv)
+    threads.apply(args.threads)
+    if args.help_config:
+        print(f"Config keys (YAML file or --set KEY=VALUE):\n{describe_keys()}")
+        return 0
+    if not args.config:
+        parser.error("--config is required (e.g. --config training_configs/toy_subject.yaml)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         extra = {"resume_from_checkpoint": args.resume} if args.resume else {}
         cfg = load_config(args.config, args.set, **extra)
         result = train(cfg)
-    except (ConfigError, DataError, ModelLoadError, ckpt.CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, ModelLoadError, ckpt.CheckpointError, TrainingError, RunFolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.status == "stopped":

@@ -3,18 +3,76 @@ images, checkpoints, intermediate adapters (for the ΔM/ΔD analysis) and the fi
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dreambooth_dora.adapters.io import save_adapter
 from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.runlog import RunLog
 from dreambooth_dora.training.setup import ADAPTER, Session
+from dreambooth_dora.training.step import TrainingError
 
 log = logging.getLogger("dreambooth_dora.train")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, SafetensorError) and ("No space left" in str(e) or "os error 28" in str(e))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def disk_guard(s: Session, what: str, needed: int) -> Iterator[None]:
+    """Turn "no space left on device" while writing ``what`` into a TrainingError that says how much room the
+    run needs, how much there is, and what to change; the last complete checkpoint is named."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if not _is_disk_full(e):
+            raise
+        free = shutil.disk_usage(s.run.root).free
+        kept = ckpt.list_checkpoints(s.run.checkpoints)
+        keep = s.cfg.checkpoints_total_limit
+        advice = "free some space"
+        if keep:
+            advice = (
+                f"free space, or lower checkpoints_total_limit ({keep}): a new checkpoint is written whole before "
+                f"the oldest is deleted, so the disk must hold {keep + 1} checkpoints at once "
+                f"(~{_mib((keep + 1) * needed)})"
+            )
+        raise TrainingError(
+            f"the disk is full: writing {what} needs about {_mib(needed)}, {_mib(free)} are free on "
+            f"{s.run.root}. {advice[0].upper() + advice[1:]}. Last complete checkpoint: "
+            f"{kept[-1] if kept else 'none'} (resume with --resume latest once there is room)."
+        ) from None
+
+
+def _adapter_bytes(s: Session) -> int:
+    return sum(p.numel() * 4 for p in s.named.values())  # fp32 tensors
+
+
+def _checkpoint_bytes(s: Session) -> int:
+    """The size of the newest checkpoint, or an estimate: the adapter tensors and Adam's two moments (fp32)."""
+    kept = ckpt.list_checkpoints(s.run.checkpoints)
+    if kept:
+        return _folder_bytes(kept[-1])
+    return 3 * _adapter_bytes(s)
 
 
 def wants_samples(s: Session, step: int) -> bool:
@@ -54,9 +112,16 @@ def save_checkpoint(s: Session, step: int, runlog: RunLog) -> Path | None:
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "config": s.cfg.model_dump(mode="json"),
     }
-    path = ckpt.save_checkpoint(
-        s.run.checkpoint(step), step, s.named, s.optimizer, s.lr_scheduler, extra, keep=s.cfg.checkpoints_total_limit
-    )
+    with disk_guard(s, f"checkpoint {step}", _checkpoint_bytes(s)):
+        path = ckpt.save_checkpoint(
+            s.run.checkpoint(step),
+            step,
+            s.named,
+            s.optimizer,
+            s.lr_scheduler,
+            extra,
+            keep=s.cfg.checkpoints_total_limit,
+        )
     runlog.checkpoint(step, path)
     return path
 
@@ -67,7 +132,8 @@ def save_intermediate(s: Session, step: int) -> None:
     if s.main and every and step % every == 0:
         fmt = "native" if s.cfg.axis == "out" else "kohya"
         meta = {"base_model": s.cfg.base_model, "step": step}
-        save_adapter(s.pipe, s.run.intermediate_adapter(step), ADAPTER, fmt, meta)
+        with disk_guard(s, f"the intermediate adapter of step {step}", _adapter_bytes(s)):
+            save_adapter(s.pipe, s.run.intermediate_adapter(step), ADAPTER, fmt, meta)
 
 
 def save_adapters(s: Session, steps: int) -> list[Path]:
@@ -86,8 +152,9 @@ def save_adapters(s: Session, steps: int) -> list[Path]:
         "train_text_encoder": cfg.train_text_encoder,
     }
     files = []
-    if cfg.axis == "out":
-        files.append(save_adapter(s.pipe, s.run.adapter, ADAPTER, "native", meta))
-    files.append(save_adapter(s.pipe, s.run.kohya_adapter, ADAPTER, "kohya", meta))
+    with disk_guard(s, "the adapter files", 2 * _adapter_bytes(s)):
+        if cfg.axis == "out":
+            files.append(save_adapter(s.pipe, s.run.adapter, ADAPTER, "native", meta))
+        files.append(save_adapter(s.pipe, s.run.kohya_adapter, ADAPTER, "kohya", meta))
     log.info("wrote %s", ", ".join(str(f) for f in files))
     return files

@@ -9,8 +9,9 @@ adapter init) is part of what makes a resumed run bit-identical to an uninterrup
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -123,20 +124,31 @@ def optimizer_factory(cfg: TrainConfig) -> Callable[[list[dict]], torch.optim.Op
     return lambda groups: Prodigy(groups, betas=betas, weight_decay=decay)
 
 
-def prepare_output(cfg: TrainConfig, run: RunFolder) -> None:
-    """Create the output folder and write train_config.yaml, or explain why the folder is not writable."""
-    try:
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_text(run.config, cfg.to_yaml())
-    except OSError as e:
-        raise ConfigError(
-            f"output_dir: cannot write to {str(run.root)!r} ({e.strerror or e}); choose a writable folder"
-        ) from None
+@contextlib.contextmanager
+def own_output(inputs: Inputs) -> Iterator[None]:
+    """Hold the output folder for this run (main process): refuse a second writer (RunFolderBusy), remove what
+    interrupted writes left behind, write train_config.yaml; or explain why the folder is not writable."""
+    if not inputs.main:
+        yield
+        return
+    run = inputs.run
+    with contextlib.ExitStack() as held:
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(run.lock())
+            for leftover in run.remove_stale_temps():
+                log.info("removed %s, left by an interrupted write", leftover)
+            write_text(run.config, inputs.cfg.to_yaml())
+        except OSError as e:
+            raise ConfigError(
+                f"output_dir: cannot write to {str(run.root)!r} ({e.strerror or e}); choose a writable folder"
+            ) from None
+        yield
 
 
 def check_inputs(cfg: TrainConfig) -> Inputs:
-    """Read and validate every input; then (main process) prepare the output folder. Raises ConfigError,
-    DataError, ModelLoadError or CheckpointError before anything is written."""
+    """Read and validate every input, writing nothing. Raises ConfigError, DataError, ModelLoadError or
+    CheckpointError."""
     from accelerate import Accelerator
 
     run = RunFolder(cfg.output_dir)
@@ -150,10 +162,7 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; latents are cached or cheap anyway
     arch = describe_architecture(pipe)
     resume = ckpt.resolve(cfg.resume_from_checkpoint, run.checkpoints) if cfg.resume_from_checkpoint else None
-    inputs = Inputs(cfg, run, accelerator, pipe, arch, dataset, dtype, resume, make_optimizer)
-    if inputs.main:
-        prepare_output(cfg, run)
-    return inputs
+    return Inputs(cfg, run, accelerator, pipe, arch, dataset, dtype, resume, make_optimizer)
 
 
 def _class_images(cfg: TrainConfig, pipe, accelerator) -> DreamBoothDataset:

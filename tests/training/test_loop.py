@@ -350,3 +350,65 @@ def test_full_fine_tuning_baseline_trains_the_target_weights(tmp_path):
     assert layers and all(a.kind == "lora" and a.rank == layer.in_features for layer, a in layers.values())
     assert all(a.lora_B.abs().max() > 0 for _, a in layers.values())
     assert all(torch.equal(a.lora_A, torch.eye(layer.in_features)) for layer, a in layers.values())
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_completes(tmp_path):
+    first = _run_cli(tmp_path, "max_train_steps=100000", "checkpointing_steps=100000", wait=False)
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)  # the first run holds the folder and is stepping
+    second = _run_cli(tmp_path, "max_train_steps=60", "rank=8")
+    assert second.returncode == 2
+    assert f"in use by a training run (PID {first.pid})" in second.stderr
+    first.send_signal(signal.SIGINT)  # the first run stops cleanly, with a checkpoint
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 130, output[-2000:]
+    steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, none of the refused one's
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    assert int(ckpt.name.removeprefix("step-")) == steps[-1]
+    tensors = load_file(str(ckpt / "adapter.safetensors"))
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")} == {4}  # the first run's rank
+
+
+def test_leftovers_of_an_interrupted_save_are_removed_on_the_next_start(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-x1y2").mkdir(parents=True)
+    (run / "checkpoints" / ".tmp-x1y2" / "adapter.safetensors").write_bytes(b"partial")
+    (run / ".tmp-adapter.safetensors.abc").write_bytes(b"partial")
+    train(_cfg(tmp_path))
+    assert not [p for p in run.rglob(".tmp-*")]
+
+
+def test_a_full_disk_is_explained_with_the_space_needed(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from dreambooth_dora.training import checkpoint
+
+    calls = {"n": 0}
+    real = checkpoint.save_file
+
+    def fills_up(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (2 files) fits, the second does not
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    with pytest.raises(TrainingError) as err:
+        train(_cfg(tmp_path, checkpoints_total_limit=1))
+    text = str(err.value)
+    assert text.startswith("the disk is full: writing checkpoint 4 needs about")
+    assert "the disk must hold 2 checkpoints at once" in text
+    assert f"Last complete checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-000002'}" in text
+    assert not [p for p in (tmp_path / "run").rglob(".tmp-*")]
+
+
+def test_help_config_lists_every_key(capsys):
+    from dreambooth_dora.training.config import FIELDS
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {key}: " in out for key in FIELDS)
+    assert "rank: int (default 16; >= 1, <= 1024)" in out
