@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import math
 import random
 import re
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from dreambooth_dora import threads
@@ -37,6 +35,8 @@ from dreambooth_dora.adapters.inject import (
     unmerge_adapters,
 )
 from dreambooth_dora.adapters.io import AdapterFileError, load_adapter, parse_adapter_spec
+from dreambooth_dora.runs import atomic_path
+from dreambooth_dora.sd.images import save_png
 from dreambooth_dora.sd.pipelines import ModelLoadError, load_pipeline
 
 MODES = ("merged", "toggled")
@@ -256,28 +256,14 @@ def _step_reporter(on_step: Callable[[int, int], None], image: int, settings: Se
     return report
 
 
-def _png_info(params: dict) -> PngInfo:
-    info = PngInfo()
-    loras = ", ".join(f"{a['file']}:{a['strength']:g}" for a in params["adapters"]) or "none"
-    # A1111-style "parameters" text, which many image viewers and UIs read, plus our JSON.
-    info.add_text(
-        "parameters",
-        f"{params['prompt']}\nNegative prompt: {params['negative_prompt']}\n"
-        f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance']:g}, "
-        f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['base']}, "
-        f"Adapters: {loras}, Mode: {params['mode']}",
-    )
-    info.add_text("dreambooth_dora", json.dumps(params, sort_keys=True))
-    return info
-
-
 def save_images(images: list[GeneratedImage], out_dir: Path, prefix: str = "image") -> list[Path]:
-    """PNGs carrying their parameters in text chunks, plus ``grid.png`` when there are several."""
+    """PNGs carrying their parameters in text chunks (``PREFIX_SEED.png``), plus a grid when there are several
+    (``PREFIX_grid_FIRSTSEED-LASTSEED.png``, so another generation into the same folder keeps its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for g in images:
         path = out_dir / f"{prefix}_{g.params['seed']}.png"
-        g.image.save(path, pnginfo=_png_info(g.params))
+        save_png(g.image, path, g.params)
         paths.append(path)
     if len(images) > 1:
         cols = math.ceil(math.sqrt(len(images)))
@@ -286,8 +272,10 @@ def save_images(images: list[GeneratedImage], out_dir: Path, prefix: str = "imag
         grid = Image.new("RGB", (cols * w, rows * h), "white")
         for i, g in enumerate(images):
             grid.paste(g.image, ((i % cols) * w, (i // cols) * h))
-        grid.save(out_dir / "grid.png")
-        paths.append(out_dir / "grid.png")
+        seeds = f"{images[0].params['seed']}-{images[-1].params['seed']}"
+        paths.append(out_dir / f"{prefix}_grid_{seeds}.png")
+        with atomic_path(paths[-1]) as tmp:
+            grid.save(tmp, format="PNG")
     return paths
 
 

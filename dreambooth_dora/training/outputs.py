@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from dreambooth_dora.adapters.io import save_adapter
-from dreambooth_dora.runs import atomic_path
+from dreambooth_dora.sd.images import save_png
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.runlog import RunLog
 from dreambooth_dora.training.setup import ADAPTER, Session
@@ -96,11 +96,27 @@ def validation_images(s: Session, step: int) -> list[Path]:
                 width=cfg.resolution,
                 generator=torch.Generator().manual_seed(cfg.seed + i),
             ).images[0]
-            with atomic_path(s.run.sample(step, i)) as tmp:
-                image.save(tmp, format="PNG")
-            paths.append(s.run.sample(step, i))
+            paths.append(save_png(image, s.run.sample(step, i), _sample_params(s, i)))
     s.unet.train()
     return paths
+
+
+def _sample_params(s: Session, index: int) -> dict:
+    """What a validation image was made with, for its PNG text chunks (as the generator writes them)."""
+    cfg = s.cfg
+    return {
+        "prompt": cfg.validation_prompt,
+        "negative_prompt": "",
+        "steps": cfg.validation_inference_steps,
+        "guidance": cfg.validation_guidance_scale,
+        "scheduler": "default",
+        "seed": cfg.seed + index,
+        "width": cfg.resolution,
+        "height": cfg.resolution,
+        "base": cfg.base_model,
+        "adapters": [],
+        "mode": "toggled (training)",
+    }
 
 
 def save_checkpoint(s: Session, step: int, runlog: RunLog) -> Path | None:

@@ -108,7 +108,7 @@ def test_png_metadata_and_grid(files, tmp_path):
         )
     )
     paths = gen.save_images(images, tmp_path / "out")
-    assert [p.name for p in paths] == ["image_11.png", "image_12.png", "image_13.png", "grid.png"]
+    assert [p.name for p in paths] == ["image_11.png", "image_12.png", "image_13.png", "image_grid_11-13.png"]
     info = Image.open(paths[1]).text
     params = json.loads(info["dreambooth_dora"])
     assert params["seed"] == 12 and params["scheduler"] == "euler_a" and params["negative_prompt"] == "blurry"
@@ -181,7 +181,7 @@ def test_cli_writes_images(files, tmp_path, capsys):
         ]
     )
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_3.png", "image_4.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["image_3.png", "image_4.png", "image_grid_3-4.png"]
     assert "wrote" in capsys.readouterr().out
 
 

@@ -70,6 +70,9 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
     assert [s[0] for s in seen["steps"]] == [1, 2, 3, 4] and seen["steps"][0][1] == 4
     assert seen["ckpts"] == [2, 4] and (out / "checkpoints" / "step-000004" / "state.json").is_file()
     assert seen["samples"][0][0] == 4 and seen["samples"][0][1][0].is_file()
+    with Image.open(seen["samples"][0][1][0]) as sample:  # the sample says how it was made, as generate's do
+        assert sample.text["parameters"].startswith("a photo of sks heart\nNegative prompt: \nSteps: 2")
+        assert f"Seed: 0, Size: 64x64, Model: {base}" in sample.text["parameters"]
     assert len((out / "log.csv").read_text().splitlines()) == 5
 
     # The written adapter passes the interop check: stock diffusers gives our outputs.
