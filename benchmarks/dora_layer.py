@@ -175,9 +175,23 @@ def ratio(times: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
 
+TABLES: list[dict] = []  # every table printed, for --json
+
+
 def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; also recorded in TABLES so that ``save_tables`` can write what was printed as JSON."""
+    TABLES.append({"headers": list(headers), "rows": [[str(c) for c in row] for row in rows]})
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def save_tables(path: str | None, **facts) -> None:
+    """Write every table printed so far (and ``facts``) as JSON to ``path`` (for benchmarks/gpu_summary.py)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"command": sys.argv, **facts, "tables": TABLES}, f, indent=1)
 
 
 def fake_update(params: list) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.dora_layer import cpu_name, sync, table  # noqa: E402
+from benchmarks.dora_layer import cpu_name, save_tables, sync, table  # noqa: E402
 from dreambooth_dora.adapters.inject import adapter_layers, add_adapter, merge_adapters, unmerge_adapters  # noqa: E402
 
 
@@ -84,6 +84,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (1: CPU time = compute)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON (benchmarks/gpu_summary.py reads it)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -161,6 +162,7 @@ def main() -> None:
         f"{args.rounds} rounds"
     )
     print(table(["variant", "s / image (median)", "time / base (median ratio)"], rows))
+    save_tables(args.json, kind="inference", resolution=args.resolution, steps=args.steps, dtype=args.dtype)
 
 
 if __name__ == "__main__":

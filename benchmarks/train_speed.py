@@ -58,6 +58,7 @@ from dora_layer import (  # noqa: E402
     peak_mib,
     print_header,
     ratio,
+    save_tables,
     table,
 )
 
@@ -209,6 +210,7 @@ def main() -> None:
     add("--warmup", type=int, help="warmup rounds (default 2; 1 with --quick)")
     add("--steps", type=int, help="measured rounds (default 5)")
     add("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --quick)")
+    add("--json", metavar="FILE", help="also write the tables as JSON (benchmarks/gpu_summary.py reads it)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     args.resolution = args.resolution or (128 if device.type == "cpu" else 1024 if args.sdxl else 512)
@@ -264,6 +266,8 @@ def main() -> None:
     print(table(headers, rows))
     print("\n## Summary: DoRA overhead and ours vs peft (time = median of per-round ratios)\n")
     print(table(["grad ckpt", "latents", "time oD/oL", "time pD/pL", "time oD/pD", "mem oD/oL", "mem oD/pD"], summary))
+    shape = ("SDXL" if args.sdxl else "SD1.5") + ("-quick" if args.quick else "")
+    save_tables(args.json, kind="train_speed", shape=shape, resolution=args.resolution, dtype=args.dtype)
 
 
 if __name__ == "__main__":
