@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -29,3 +31,14 @@ def trained_like(model, name: str = "default", seed: int = 1, b_std: float = 0.3
     add_adapter(model, name=name, **{"kind": "dora", "rank": 4, "alpha": 6, **adapter_args})
     perturb(model, name, seed=seed, b_std=b_std)
     return model
+
+
+def open_files_under(folder: str | os.PathLike) -> list[str]:
+    """The files under ``folder`` that this process holds open, per /proc/self/fd."""
+    folder, found = Path(folder).resolve(), []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listing itself closes before it is read
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if Path(target).is_relative_to(folder):
+                found.append(target)
+    return found

@@ -2,16 +2,18 @@
 tensorboard package is installed) and the UI's callbacks — opened and closed as one.
 
 ``with RunLog(...)`` attaches train.log to the package logger; ``start`` opens the per-step sinks. Leaving the
-block closes all of them, whichever way it is left: finished, stopped, a NaN loss, an exception. Only the main
-process reports (``enabled``); on the others every method does nothing.
+block closes all of them, whichever way it is left: finished, stopped, a NaN loss, an exception. While the bar is
+live, log lines for the console go through ``tqdm.write`` (above the bar, which is redrawn below them). Only the
+main process reports (``enabled``); on the others every method does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,33 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
+class _AboveTheBar:
+    """A console stream whose writes clear the progress bars first and redraw them after (``tqdm.write``)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def console_above_bar() -> Iterator[None]:
+    """Route the console handlers of the root and the package logger (stdout/stderr ones; log files are left as
+    they are) through ``tqdm.write`` while the block runs; their level, format and filters stay theirs."""
+    handlers = [*logging.root.handlers, *PACKAGE_LOG.handlers]
+    console = [h for h in handlers if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)]
+    swapped = [(h, h.setStream(_AboveTheBar(h.stream))) for h in console]
+    try:
+        yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)
+
+
 class RunLog(contextlib.AbstractContextManager):
     """Reports of one run to its folder and its callbacks; a context manager that closes every sink it opened."""
 
@@ -86,6 +115,7 @@ class RunLog(contextlib.AbstractContextManager):
             tqdm(total=self.total, initial=initial, disable=not self.enabled, desc="training", unit="step")
         )
         if self.enabled:
+            self._sinks.enter_context(console_above_bar())
             self._csv = self._sinks.enter_context(self.run.csv.open("a"))
             if self._csv.tell() == 0:
                 self._csv.write(CSV_HEADER)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth_dora.training.loop import Callbacks, TrainingError, main, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, open_files_under
 
 SUBJECT = ROOT / "sample_data" / "smoke_subject"
 
@@ -223,19 +223,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(str(last / "adapter.safetensors")).values())
 
 
-def test_nan_stop_leaves_no_file_open_and_closes_the_progress_bar(tmp_path):
-    """The run log closes log.csv, train.log, TensorBoard and the progress bar on a NaN stop too, even while the
+def test_nan_stop_leaves_no_file_open_and_closes_the_progress_bar(tmp_path, tensorboard):
+    """A NaN stop closes log.csv, train.log, the TensorBoard events file and the progress bar, even while the
     exception (and with it the trainer's frames, as a notebook's last traceback does) is still alive."""
-    import psutil
     from tqdm.std import tqdm
 
     bars_before = set(tqdm._instances)
     with pytest.raises(TrainingError, match="loss became nan") as stopped:
         train(_cfg(tmp_path, learning_rate=1e30, max_train_steps=20, checkpointing_steps=1, max_grad_norm=1e30))
-    run = (tmp_path / "run").resolve()
+    run = tmp_path / "run"
     assert (run / "log.csv").is_file() and (run / "train.log").is_file()
-    still_open = [f.path for f in psutil.Process().open_files() if Path(f.path).is_relative_to(run)]
-    assert still_open == [], still_open
+    assert [w.folder for w in tensorboard] == [run / "tensorboard"] and tensorboard[0].scalars  # it was written to
+    assert open_files_under(run) == []
     assert [b.desc for b in set(tqdm._instances) - bars_before] == []
     assert stopped.value is not None  # the traceback was alive during the checks above
 
