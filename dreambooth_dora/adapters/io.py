@@ -102,12 +102,16 @@ class AdapterFile:
 
 
 def _arch_of(comps: dict[str, nn.Module]) -> dict:
-    unet = comps.get("unet")
     return {
         "sdxl": "text_encoder_2" in comps,
-        "cross_attention_dim": int(unet.config.cross_attention_dim) if unet is not None else None,
+        "cross_attention_dim": _cross_attention_dim(comps),
         "components": sorted(comps),
     }
+
+
+def _cross_attention_dim(comps: dict[str, nn.Module]) -> int | None:
+    dim = getattr(getattr(comps.get("unet"), "config", None), "cross_attention_dim", None)
+    return int(dim) if dim is not None else None
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
@@ -415,7 +419,7 @@ def _arch_label(sdxl: bool | None, dim: int | None) -> str:
 def _check_architecture(fname: str, tensors: dict, comps: dict, ours: dict) -> None:
     """One clear sentence when the file was made for another architecture, before listing key problems."""
     model_sdxl = "text_encoder_2" in comps
-    model_dim = int(comps["unet"].config.cross_attention_dim) if "unet" in comps else None
+    model_dim = _cross_attention_dim(comps)
     file_dim = (ours.get("arch") or {}).get("cross_attention_dim")
     if file_dim is None:  # foreign file: the cross-attention key/value projections read it
         for key, t in tensors.items():

@@ -91,13 +91,13 @@ def readers_text(readers: Iterable[str]) -> str:
     return ", ".join(LABELS[r] for r in readers)
 
 
-def check_destinations(values, what: str = "use_in") -> tuple[str, ...]:
+def check_destinations(values) -> tuple[str, ...]:
     """``values`` (a name or a list) as a tuple of DESTINATIONS, or ValueError that lists the choices."""
     items = [values] if isinstance(values, str) else list(values or ())
     bad = [v for v in items if v not in DESTINATIONS]
     if bad or not items:
-        got = f"{bad[0]!r} is not one" if bad else "the list is empty"
-        raise ValueError(f"{what}: {got}; choose from {', '.join(DESTINATIONS)} (e.g. {what}=[comfyui,a1111])")
+        got = f"{bad[0]!r} is not a destination" if bad else "no destination given"
+        raise ValueError(f"{got}; choose from {', '.join(DESTINATIONS)} (e.g. use_in: [comfyui, a1111])")
     return tuple(dict.fromkeys(items))
 
 
@@ -121,24 +121,32 @@ def _axis_readers(axis: str) -> set[str]:
     return set(exact_readers(written_form(layout, "dora", axis)))
 
 
+def destinations_for(axis: str) -> tuple[str, ...]:
+    """The DESTINATIONS that apply DoRA of ``axis`` exactly (what ``use_in`` means when only ``axis`` is given)."""
+    if axis not in ("out", "in"):
+        return DEFAULT_USE_IN  # not an axis: the config's own check reports it
+    return tuple(d for d in DESTINATIONS if d in _axis_readers(axis))
+
+
 def _conflict(use_in: tuple[str, ...], axis: str | None) -> str:
-    out_ok = sorted(d for d in use_in if d in _axis_readers("out"))
-    in_ok = sorted(d for d in use_in if d in _axis_readers("in"))
     if axis is not None:
         wrong = [d for d in use_in if d not in _axis_readers(axis)]
+        other = "in" if axis == "out" else "out"
         head = (
-            f"axis: {axis} conflicts with use_in {list(use_in)}: {readers_text(wrong)} do not apply axis='{axis}' "
-            f"DoRA correctly (they would load it without a warning and compute other weights)."
+            f"axis: {axis} conflicts with use_in {list(use_in)}: axis='{axis}' DoRA is not applied exactly by "
+            f"{readers_text(wrong)}."
         )
-        fixes = f"Drop axis to let use_in choose it, or set axis: {'in' if axis == 'out' else 'out'}"
+        fixes = "Drop axis" + (" (use_in then picks axis " + other + ")" if set(use_in) <= _axis_readers(other) else "")
         missed = wrong[0]
     else:
+        out_ok = [d for d in use_in if d in _axis_readers("out")]
+        in_ok = [d for d in use_in if d in _axis_readers("in")]
         head = (
-            f"use_in {list(use_in)}: no DoRA axis is applied exactly by all of them — axis 'out' by "
-            f"{readers_text(out_ok) or 'none of them'}, axis 'in' by {readers_text(in_ok) or 'none of them'}."
+            f"use_in {list(use_in)}: no DoRA axis is applied exactly by all of them — axis 'out' only by "
+            f"{readers_text(out_ok) or 'none of them'}, axis 'in' only by {readers_text(in_ok) or 'none of them'}."
         )
         fixes = "Keep one group in use_in"
-        missed = (out_ok or in_ok)[0]
+        missed = (in_ok or out_ok)[0]
     lines = "\n    ".join(routes(missed))
     return (
         f"{head} {fixes}, or train kind: lora (a plain LoRA file is exact in every one of them). After training, "
