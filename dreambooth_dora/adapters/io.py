@@ -328,6 +328,9 @@ def _resolve(stem: str, table: dict, comps: dict) -> list[tuple[str, str]]:
     """(component, module path) candidates of a key stem; several only for raw peft stems without a component."""
     if stem in table:
         return [table[stem]]
+    comp, _, rest = stem.partition(".")
+    if comp in comps and rest.startswith(_PEFT_PREFIX):  # a PeftModel's state dict saved under a component
+        return _resolve(f"{comp}.{rest[len(_PEFT_PREFIX) :]}", table, comps)
     if stem.startswith(_PEFT_PREFIX):  # peft's own save of one model: no component in the key
         rest = stem[len(_PEFT_PREFIX) :]
         return [table[f"{comp}.{rest}"] for comp in comps if f"{comp}.{rest}" in table]

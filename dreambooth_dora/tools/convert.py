@@ -171,12 +171,13 @@ def _skeleton(path: Path) -> SimpleNamespace:
         )
     dims: dict[str, list[int]] = {}
     for key, shape in shapes.items():
-        for suffix, index in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+        for slot, (suffix, index) in enumerate(((".lora_A.weight", 1), (".lora_B.weight", 0))):  # [in, out]
             if key.endswith(suffix) and len(shape) == 2:
-                dims.setdefault(key[: -len(suffix)], [0, 0])[index] = shape[index]
+                dims.setdefault(key[: -len(suffix)], [0, 0])[slot] = shape[index]
     roots: dict[str, _Skeleton] = {}
     for stem, (in_f, out_f) in dims.items():
         comp, _, mod = stem.partition(".")
+        mod = mod.removeprefix("base_model.model.")  # a PeftModel's state dict saved under a component
         if comp not in ("unet", "text_encoder", "text_encoder_2") or not mod or not in_f or not out_f:
             continue
         parent = roots.setdefault(comp, _Skeleton())
@@ -194,7 +195,7 @@ def _unet_config(dims: dict[str, list[int]]) -> dict:
     downs = [s.split(".") for s in dims if s.startswith("unet.down_blocks.") and ".attentions." in s]
     blocks = max((int(p[2]) for p in downs), default=-1) + 1
     per_block = max((int(p[4]) for p in downs), default=0) + 1
-    cross = next((d[0] for s, d in dims.items() if s.startswith("unet.") and s.endswith("attn2.to_k")), None)
+    cross = next((d[0] for s, d in dims.items() if s.startswith("unet.") and s.endswith("attn2.to_k")), None)  # in
     return {
         "down_block_types": ["CrossAttnDownBlock2D"] * max(blocks, 1),
         "layers_per_block": per_block,
