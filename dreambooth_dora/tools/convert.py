@@ -52,6 +52,7 @@ from dreambooth_dora.adapters.readers import (
     written_form,
 )
 from dreambooth_dora.sd.pipelines import ModelLoadError, load_pipeline
+from dreambooth_dora.tools.export import _Parser  # one `error: …` line and exit status 2 for usage mistakes
 
 TARGETS = (*DESTINATIONS, "kohya")
 _LAYOUT = {"diffusers": "native", "comfyui": "kohya", "a1111": "kohya", "forge": "kohya", "kohya": "kohya"}
@@ -267,14 +268,6 @@ def convert_adapter(
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes get the same single ``error: …`` line and exit status 2 as every other error."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,16 +47,21 @@ def _check(path, ref_unet, ref_text, tmp_path, converts=("kohya",), base=None):
 # -- peft ----------------------------------------------------------------------------------------------------
 
 
-def _peft_trained(module, targets, seed):
-    model = get_peft_model(module, LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_dora=True))
+def _train_like(model, up: str, magnitude: str, seed: int):
+    """tests.helpers.perturb for another library's parameters (named ``up`` and ``magnitude``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if up in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif "lora_magnitude_vector" in name:
+            elif magnitude in name:
                 p.mul_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
     return model
+
+
+def _peft_trained(module, targets, seed):
+    model = get_peft_model(module, LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_dora=True))
+    return _train_like(model, "lora_B", "lora_magnitude_vector", seed)
 
 
 def test_peft_unet_dora_saved_by_peft(tmp_path):
@@ -108,13 +113,7 @@ def test_lycoris_dora_either_axis(wd_on_output, tmp_path):
     # this project adapts nn.Linear layers only; LyCORIS also wraps the 1×1 conv proj_in/proj_out here
     net.unet_loras = [m for m in net.unet_loras if isinstance(m.org_module[0], torch.nn.Linear)]
     net.apply_to(te, pipe.unet, apply_text_encoder=True, apply_unet=True)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "lora_up" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif "dora_scale" in name:
-                p.mul_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
+    _train_like(net, "lora_up", "dora_scale", seed=3)
     path = tmp_path / "lycoris.safetensors"
     net.save_weights(str(path), torch.float32, {})
     with safe_open(str(path), "pt") as f:
