@@ -8,6 +8,12 @@ Native file (loads in stock diffusers with ``pipe.load_lora_weights``):
     header "dreambooth_dora": our own JSON (format version, kind, axis, base model, architecture, trigger, …)
 Kohya file: <stem>.lora_down.weight (r, in), .lora_up.weight (out, r), .alpha (scalar), .dora_scale —
 (out, 1) for axis="out", (1, in) for axis="in".
+Every file written names the readers that apply it exactly in its header, "dreambooth_dora.exact_in" (a JSON
+list from ``readers.exact_readers``): an axis="in" kohya file is exact in ComfyUI, A1111 and Forge, an axis="out"
+one only here and in LyCORIS.
+
+Read besides: peft's own save, diffusers, LyCORIS, ai-toolkit, OneTrainer and 1-D ``dora_scale`` files
+(``read_adapter_file``).
 
 Only safetensors are read; nothing is ever unpickled. Every check runs before any weight is touched, and a
 failed load leaves the model as it was. Writes are atomic (temporary file + rename).

@@ -4,7 +4,8 @@ Public paths: transformers 5 flattened CLIPTextModel (``encoder.layers.0…``), 
 ComfyUI, A1111 and transformers 4 spell the first text encoder ``text_model.encoder.layers.0…``. Files are
 written with the public spelling (stock diffusers on transformers 5 maps it back) and read in either.
 
-Kohya-style names (``lora_unet_…``, ``lora_te_…``) for ComfyUI / A1111 / Forge:
+Kohya-style names (``lora_unet_…``, ``lora_te_…``), the keys kohya-ss, LyCORIS, ComfyUI, A1111 and Forge look up
+(which of them apply a file's DoRA right is ``readers.exact_readers``' business):
 
 Kohya flattens a module path by replacing dots with underscores. SD1.x/2.x files use diffusers' UNet paths;
 SDXL files use the original (ldm) UNet layout that kohya's SDXL trainer writes:
