@@ -46,7 +46,7 @@ from dreambooth_dora.adapters.inject import (
 )
 from dreambooth_dora.adapters.layers import AdaptedLinear
 from dreambooth_dora.adapters.readers import HEADER_KEY as READERS_KEY
-from dreambooth_dora.adapters.readers import exact_readers, readers_text, written_form
+from dreambooth_dora.adapters.readers import FileForm, exact_readers, readers_text, written_form
 from dreambooth_dora.runs import atomic_path
 
 FORMAT_VERSION = 1
@@ -85,6 +85,7 @@ class LayerTensors:
     alpha: float | None = None
     axis: str = "out"
     m_source: str | None = field(default=None, repr=False)  # the key ending the magnitude was read from
+    m_ndim: int = field(default=1, repr=False)  # the magnitude's dimensions in the file
     candidates: list | None = field(default=None, repr=False)  # raw peft keys: components the path exists in
 
     @property
@@ -94,7 +95,7 @@ class LayerTensors:
 
 @dataclass
 class AdapterFile:
-    format: str  # "native" | "kohya"
+    format: str  # "native" | "kohya" | "peft" (peft's own save, ``base_model.model.`` keys)
     layers: dict[tuple[str, str], LayerTensors]  # (component, module path) -> tensors
     metadata: dict = field(default_factory=dict)  # our own header JSON ({} for foreign files)
     notes: list[str] = field(default_factory=list)  # assumptions made while reading (alpha, magnitude axis)
@@ -102,6 +103,23 @@ class AdapterFile:
     @property
     def kind(self) -> str:
         return "dora" if any(t.m is not None for t in self.layers.values()) else "lora"
+
+    @property
+    def form(self) -> FileForm:
+        """What decides which readers apply this file exactly (``readers.exact_readers(file.form)``). Layouts
+        nobody but this project was measured with (raw peft keys, ai-toolkit's ``.magnitude``, OneTrainer's
+        dotted ``dora_scale``) get forms outside the table: this project only."""
+        dora = next((t for t in self.layers.values() if t.m is not None), None)
+        if dora is None:
+            return FileForm(self.format, "lora")
+        source = (dora.m_source or "").removesuffix(" (axis inferred)")
+        if source in (".lora_magnitude_vector.weight", ".lora_magnitude_vector") and self.format == "native":
+            magnitude = "vector"
+        elif source == ".dora_scale" and self.format == "kohya":
+            magnitude = ("row" if dora.axis == "out" else "column") if dora.m_ndim == 2 else "vector"
+        else:
+            magnitude = source.lstrip(".") or "unknown"
+        return FileForm(self.format, "dora", dora.axis, magnitude)
 
 
 # -- saving -------------------------------------------------------------------------------------------------------
@@ -357,6 +375,7 @@ def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
     peft_cfg = json.loads(meta.get(DIFFUSERS_KEY, "{}") or "{}")
     comps = components(pipe)
     fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors) else "native"
+    fmt = "peft" if any(_PEFT_PREFIX in k for k in tensors) else fmt  # peft's own save: a layout of its own
     table = keys.name_table(comps, "text_encoder_2" in comps)
     layers: dict[tuple[str, str], LayerTensors] = {}
     unexpected: list[str] = []
@@ -500,7 +519,7 @@ def _validate(layers, comps, unexpected, ours) -> list[str]:
                 f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))"
             )
         elif lt.m is not None:
-            lt.axis, lt.m = axis, lt.m.reshape(-1)
+            lt.axis, lt.m_ndim, lt.m = axis, lt.m.ndim, lt.m.reshape(-1)
     _settle_axes(layers, ours.get("axis"), problems)
     kinds = {lt.m is not None for lt in layers.values() if lt.A is not None}
     if len(kinds) > 1:

@@ -244,7 +244,7 @@ def convert_adapter(
     source_axis = next((lt.axis for lt in parsed.layers.values() if lt.m is not None), None)
     axis = _AXIS.get(to, source_axis) if parsed.kind == "dora" else None
     refit = parsed.kind == "dora" and axis != source_axis
-    notes = list(parsed.notes)
+    notes = [*parsed.notes, f"{src.name} is applied exactly by: {readers_text(exact_readers(parsed.form))}"]
     if refit and base is None:
         raise ConvertError(
             f"{src.name} is an axis='{source_axis}' DoRA and {LABELS.get(to, to)} applies only axis='{axis}' "

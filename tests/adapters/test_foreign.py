@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from dreambooth_dora.adapters.inject import adapter_layers, components, remove_adapter
 from dreambooth_dora.adapters.io import load_adapter
 from dreambooth_dora.adapters.names import kohya_name, ldm_unet_path, public_path
+from dreambooth_dora.adapters.readers import exact_readers
 from dreambooth_dora.sd.fixtures import build_tiny_sd15
 from dreambooth_dora.tools.convert import convert_adapter
 from tests.adapters.test_io import _text_outputs, _unet_output
@@ -222,6 +223,7 @@ def test_one_dimensional_dora_scale(axis, tmp_path):
     other = build_tiny_sd15()
     parsed = load_adapter(other, path)
     assert {lt.axis for lt in parsed.layers.values()} == {axis}
+    assert exact_readers(parsed.form) == ("dreambooth_dora",)  # 1-D dora_scale: crashes or mis-broadcasts elsewhere
     remove_adapter(other, "default")
     _check(path, ref_unet, ref_text, tmp_path, converts=("kohya",), base=BASE)
 
@@ -233,4 +235,5 @@ def test_peft_raw_file_without_config_assumes_alpha_rank_and_says_so(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").unlink()
     parsed = load_adapter(build_tiny_sd15(), tmp_path / "peft" / "adapter_model.safetensors")
     assert any("alpha = rank" in note for note in parsed.notes)
+    assert parsed.format == "peft" and exact_readers(parsed.form) == ("dreambooth_dora",)  # not measured elsewhere
     assert {lt.alpha for lt in parsed.layers.values()} == {4.0}
