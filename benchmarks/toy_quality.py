@@ -2,6 +2,7 @@
 
     python benchmarks/toy_quality.py                       # 3 seeds × {dora, lora, full} × the lr grid
     python benchmarks/toy_quality.py --seeds 0 --steps 100 --samples 16     # a quick look
+    python benchmarks/toy_quality.py --kinds dora --axes out in     # DoRA's two norm axes (use_in's choice)
 
 Every run trains training_configs/toy_subject.yaml on builtin:toy (same data, steps, rank, prior preservation),
 changing only kind, learning rate and seed, and keeps intermediate adapters for the ΔM/ΔD analysis. Each
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from dreambooth_dora.adapters.inject import remove_adapter  # noqa: E402
 from dreambooth_dora.adapters.io import load_adapter  # noqa: E402
+from dreambooth_dora.adapters.readers import destinations_for  # noqa: E402
+from dreambooth_dora.runs import RunFolder  # noqa: E402
 from dreambooth_dora.sd.pipelines import load_pipeline  # noqa: E402
 from dreambooth_dora.tools.analysis import analyze_runs  # noqa: E402
 from dreambooth_dora.toy.eval import evaluate_subject  # noqa: E402
@@ -50,6 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--kinds", nargs="+", default=list(LR_GRID))
+    p.add_argument("--axes", nargs="+", choices=["out", "in"], default=["out"], help="DoRA norm axes to train")
     p.add_argument("--steps", type=int, help="override max_train_steps")
     p.add_argument("--samples", type=int, default=48, help="identifier and class prompts per run")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "toy_quality")
@@ -61,12 +65,16 @@ def main() -> None:
     results: dict[tuple[str, float], list[dict]] = {}
     runs: dict[tuple[str, float], list[Path]] = {}
     t0 = time.perf_counter()
-    for kind in args.kinds:
+    variants = [(k, a) for k in args.kinds for a in (args.axes if k == "dora" else ["out"])]
+    for kind, axis in variants:
+        label = kind if axis == "out" else f"{kind}-in"
         for lr in LR_GRID[kind]:
             for seed in args.seeds:
-                out = args.out / f"{kind}_lr{lr:g}_seed{seed}"
+                out = args.out / f"{label}_lr{lr:g}_seed{seed}"
                 over = {
                     "kind": kind,
+                    "axis": axis,
+                    "use_in": list(destinations_for(axis)),
                     "learning_rate": lr,
                     "seed": seed,
                     "output_dir": out,
@@ -76,15 +84,15 @@ def main() -> None:
                 if args.steps:
                     over["max_train_steps"] = args.steps
                     over["save_intermediate_every"] = max(1, args.steps // 4)
-                if not (out / "adapter.safetensors").exists():
+                if not RunFolder(out).adapter_files():
                     train(base_cfg.model_copy(update=over))
-                load_adapter(pipe, out / "adapter.safetensors", name="run")
+                load_adapter(pipe, RunFolder(out).adapter_files()[0], name="run")
                 rates, _ = evaluate_subject(pipe, args.samples, seed=10_000)
                 remove_adapter(pipe, "run")
-                results.setdefault((kind, lr), []).append(rates)
-                runs.setdefault((kind, lr), []).append(out)
+                results.setdefault((label, lr), []).append(rates)
+                runs.setdefault((label, lr), []).append(out)
                 print(
-                    f"{kind} lr {lr:g} seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
+                    f"{label} lr {lr:g} seed {seed}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
                     f"({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
@@ -116,8 +124,9 @@ def main() -> None:
         print("| kind | lr | pooled, per seed | within steps, per seed | negative within steps |")
         print("|---|---:|---|---|---:|")
         for kind, (lr, _) in best.items():
-            pooled = [run.slope for run in analysis.runs if run.kind == kind]
-            within = [run.within_slope for run in analysis.runs if run.kind == kind]
+            names = {path.name for path in runs[(kind, lr)]}  # kind here is the label (dora-in: input axis)
+            pooled = [run.slope for run in analysis.runs if Path(run.name).name in names]
+            within = [run.within_slope for run in analysis.runs if Path(run.name).name in names]
             cells = [", ".join(f"{v:+.3g}" for v in vals) for vals in (pooled, within)]
             print(f"| {kind} | {lr:g} | {cells[0]} | {cells[1]} | {sum(v < 0 for v in within)}/{len(within)} |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")

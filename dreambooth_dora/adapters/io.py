@@ -8,6 +8,12 @@ Native file (loads in stock diffusers with ``pipe.load_lora_weights``):
     header "dreambooth_dora": our own JSON (format version, kind, axis, base model, architecture, trigger, …)
 Kohya file: <stem>.lora_down.weight (r, in), .lora_up.weight (out, r), .alpha (scalar), .dora_scale —
 (out, 1) for axis="out", (1, in) for axis="in".
+Every file written names the readers that apply it exactly in its header, "dreambooth_dora.exact_in" (a JSON
+list from ``readers.exact_readers``): an axis="in" kohya file is exact in ComfyUI, A1111 and Forge, an axis="out"
+one only here and in LyCORIS.
+
+Read besides: peft's own save, diffusers, LyCORIS, ai-toolkit, OneTrainer and 1-D ``dora_scale`` files
+(``read_adapter_file``).
 
 Only safetensors are read; nothing is ever unpickled. Every check runs before any weight is touched, and a
 failed load leaves the model as it was. Writes are atomic (temporary file + rename).
@@ -39,20 +45,30 @@ from dreambooth_dora.adapters.inject import (
     wrap_layer,
 )
 from dreambooth_dora.adapters.layers import AdaptedLinear
+from dreambooth_dora.adapters.readers import HEADER_KEY as READERS_KEY
+from dreambooth_dora.adapters.readers import FileForm, exact_readers, readers_text, written_form
 from dreambooth_dora.runs import atomic_path
 
 FORMAT_VERSION = 1
 OUR_KEY = "dreambooth_dora"
 DIFFUSERS_KEY = "lora_adapter_metadata"
 MAX_HEADER = 100 * 1024 * 1024  # what the safetensors library itself accepts
-_NATIVE_SUFFIXES = {
+# Key endings of adapter tensors in every layout read (native/diffusers, peft, kohya/LyCORIS, ai-toolkit,
+# OneTrainer) → the part of LayerTensors they fill.
+_SUFFIXES = {
     ".lora_A.weight": "A",
+    ".lora_down.weight": "A",
     ".lora_B.weight": "B",
-    ".lora_magnitude_vector.weight": "m",
-    ".lora_magnitude_vector": "m",  # peft's own save format
+    ".lora_up.weight": "B",
+    ".lora_magnitude_vector.weight": "m",  # diffusers, our native files
+    ".lora_magnitude_vector": "m",  # peft's own save
+    ".dora_scale": "m",  # kohya / LyCORIS / OneTrainer; diffusers' convert_state_dict_to_kohya writes it 1-D
+    ".magnitude": "m",  # ai-toolkit
     ".alpha": "alpha",
 }
-_KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".dora_scale": "m", ".alpha": "alpha"}
+# Magnitudes that only ever hold one norm per output row.
+_ROW_MAGNITUDES = (".lora_magnitude_vector.weight", ".lora_magnitude_vector", ".magnitude")
+_PEFT_PREFIX = "base_model.model."
 
 
 class AdapterFileError(AdapterError):
@@ -68,30 +84,58 @@ class LayerTensors:
     m: torch.Tensor | None = None
     alpha: float | None = None
     axis: str = "out"
+    m_source: str | None = field(default=None, repr=False)  # the key ending the magnitude was read from
+    m_ndim: int = field(default=1, repr=False)  # the magnitude's dimensions in the file
+    candidates: list | None = field(default=None, repr=False)  # raw peft keys: components the path exists in
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.m is not None else "lora"
 
 
 @dataclass
 class AdapterFile:
-    format: str  # "native" | "kohya"
+    format: str  # "native" | "kohya" | "peft" (peft's own save, ``base_model.model.`` keys)
     layers: dict[tuple[str, str], LayerTensors]  # (component, module path) -> tensors
     metadata: dict = field(default_factory=dict)  # our own header JSON ({} for foreign files)
+    notes: list[str] = field(default_factory=list)  # assumptions made while reading (alpha, magnitude axis)
 
     @property
     def kind(self) -> str:
         return "dora" if any(t.m is not None for t in self.layers.values()) else "lora"
 
+    @property
+    def form(self) -> FileForm:
+        """What decides which readers apply this file exactly (``readers.exact_readers(file.form)``). Layouts
+        nobody but this project was measured with (raw peft keys, ai-toolkit's ``.magnitude``, OneTrainer's
+        dotted ``dora_scale``) get forms outside the table: this project only."""
+        dora = next((t for t in self.layers.values() if t.m is not None), None)
+        if dora is None:
+            return FileForm(self.format, "lora")
+        source = (dora.m_source or "").removesuffix(" (axis inferred)")
+        if source in (".lora_magnitude_vector.weight", ".lora_magnitude_vector") and self.format == "native":
+            magnitude = "vector"
+        elif source == ".dora_scale" and self.format == "kohya":
+            magnitude = ("row" if dora.axis == "out" else "column") if dora.m_ndim == 2 else "vector"
+        else:
+            magnitude = source.lstrip(".") or "unknown"
+        return FileForm(self.format, "dora", dora.axis, magnitude)
+
 
 # -- saving -------------------------------------------------------------------------------------------------------
 
 
-def _arch(pipe) -> dict:
-    unet = getattr(pipe, "unet", None)
-    comps = components(pipe)
+def _arch_of(comps: dict[str, nn.Module]) -> dict:
     return {
         "sdxl": "text_encoder_2" in comps,
-        "cross_attention_dim": int(unet.config.cross_attention_dim) if unet is not None else None,
+        "cross_attention_dim": _cross_attention_dim(comps),
         "components": sorted(comps),
     }
+
+
+def _cross_attention_dim(comps: dict[str, nn.Module]) -> int | None:
+    dim = getattr(getattr(comps.get("unet"), "config", None), "cross_attention_dim", None)
+    return int(dim) if dim is not None else None
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
@@ -108,35 +152,54 @@ def save_adapter(
     metadata: dict | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write adapter ``name`` of ``pipe`` to ``path`` (.safetensors) in the ``native`` or ``kohya`` format.
+    """Write adapter ``name`` of ``pipe`` to ``path`` (.safetensors) in the ``native`` or ``kohya`` layout.
 
     ``metadata`` (JSON-serializable) is merged into our header entry: base model id, trigger phrase, a training
-    summary. axis="in" adapters exist only in the kohya format: diffusers and peft implement the per-row norm.
+    summary. The header also names the readers that apply the file exactly (``dreambooth_dora.exact_in``, from
+    ``readers.exact_readers``). axis="in" adapters exist only in the kohya layout: diffusers and peft implement
+    the per-row norm only.
     """
     if format not in ("native", "kohya"):
-        raise AdapterError(f"format={format!r}: choose 'native' (diffusers/peft) or 'kohya' (ComfyUI/A1111)")
+        raise AdapterError(f"format={format!r}: choose 'native' (diffusers/peft keys) or 'kohya' (lora_unet_… keys)")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AdapterError(f"adapter path {str(path)!r} must end in .safetensors (the only format we write)")
-    layers = adapter_layers(pipe, name)
-    info = list_adapters(pipe)[name]
-    if format == "native" and info.axis == "in":
+    info = list_adapters(pipe).get(name)
+    if info is not None and format == "native" and info.axis == "in" and info.kind == "dora":
         raise AdapterError(
             f"adapter {name!r} uses axis='in' (one norm per input column), which diffusers' and peft's format "
-            "cannot express (they normalize output rows). Save it with format='kohya' — ComfyUI and A1111 read "
-            "axis='in' DoRA — or train with axis='out' for diffusers compatibility."
+            "cannot express (they normalize output rows). Save it with format='kohya' — read exactly by "
+            f"{readers_text(exact_readers(written_form('kohya', 'dora', 'in')))} — or train with axis='out' "
+            "(use_in: [diffusers]) for diffusers."
         )
-    comps = components(pipe)
-    arch = _arch(pipe)
-    ours = {
-        "format_version": FORMAT_VERSION,
-        "kind": info.kind,
-        "rank": info.rank,
-        "alpha": info.alpha,
-        "axis": info.axis,
-        "arch": arch,
-        **(metadata or {}),
-    }
+    layers = {}
+    for full, (_, a) in adapter_layers(pipe, name).items():
+        comp, _, path_in = full.partition(".")
+        m = a.magnitude if a.kind == "dora" else None
+        layers[(comp, path_in)] = LayerTensors(a.lora_A, a.lora_B, m, a.alpha, a.axis)
+    ours = {"kind": info.kind, "rank": info.rank, "alpha": info.alpha, "axis": info.axis, **(metadata or {})}
+    return write_adapter(layers, components(pipe), path, format, ours, dtype)
+
+
+def write_adapter(
+    layers: dict[tuple[str, str], LayerTensors],
+    comps: dict[str, nn.Module],
+    path: Path,
+    format: str,
+    ours: dict,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``layers`` {(component, module path): tensors} as an adapter file for a model with components
+    ``comps``, atomically. ``ours``: our header entry (kind, rank, alpha, axis and whatever the caller adds)."""
+    first = next(iter(layers.values()))
+    kind = "dora" if first.m is not None else "lora"
+    axis = first.axis if kind == "dora" else ours.get("axis", "out")
+    if kind == "dora" and format == "native" and axis == "in":
+        raise AdapterError("axis='in' DoRA has no native (diffusers/peft) form; write it with format='kohya'")
+    arch = _arch_of(comps)
+    rank, alpha = int(ours.get("rank") or first.A.shape[0]), float(ours.get("alpha") or first.alpha)
+    ours = {**ours, "format_version": FORMAT_VERSION, "kind": ours.get("kind", kind), "rank": rank}
+    ours.update(alpha=alpha, axis=axis, arch=arch)
     tensors: dict[str, torch.Tensor] = {}
 
     def put(key: str, t: torch.Tensor) -> None:
@@ -144,56 +207,58 @@ def save_adapter(
 
     targets: dict[str, set[str]] = {}
     patterns: dict[str, dict[str, dict[str, float]]] = {}  # per component: layers whose rank/alpha differ
-    for full, (_, a) in layers.items():
-        comp, _, path_in = full.partition(".")
+    for (comp, path_in), lt in layers.items():
         public = keys.public_path(comp, comps[comp], path_in)
-        if (a.rank, a.alpha) != (info.rank, info.alpha):  # kind "full" (rank = in_features) or mixed files
+        if (lt.A.shape[0], lt.alpha) != (rank, alpha):  # kind "full" (rank = in_features) or mixed files
             # peft matches pattern keys as module-path suffixes: the path without "text_model." fits both
             # transformers spellings of the text encoder
             pat = patterns.setdefault(comp, {"rank_pattern": {}, "alpha_pattern": {}})
-            pat["rank_pattern"][path_in], pat["alpha_pattern"][path_in] = a.rank, a.alpha
+            pat["rank_pattern"][path_in], pat["alpha_pattern"][path_in] = int(lt.A.shape[0]), lt.alpha
         # peft matches target_modules against the model's own paths, which differ between transformers
         # versions for text encoders: name the leaf there; the UNet gets exact paths.
         targets.setdefault(comp, set()).add(public if comp == "unet" else public.rsplit(".", 1)[-1])
         if format == "native":
             stem = f"{comp}.{public}"
-            put(f"{stem}.lora_A.weight", a.lora_A)
-            put(f"{stem}.lora_B.weight", a.lora_B)
-            if a.kind == "dora":
-                put(f"{stem}.lora_magnitude_vector.weight", a.magnitude)
+            put(f"{stem}.lora_A.weight", lt.A)
+            put(f"{stem}.lora_B.weight", lt.B)
+            if lt.m is not None:
+                put(f"{stem}.lora_magnitude_vector.weight", lt.m)
         else:
             stem = keys.kohya_name(comp, path_in, comps[comp], arch["sdxl"])
-            put(f"{stem}.lora_down.weight", a.lora_A)
-            put(f"{stem}.lora_up.weight", a.lora_B)
-            put(f"{stem}.alpha", torch.tensor(a.alpha))
-            if a.kind == "dora":
-                put(f"{stem}.dora_scale", a.magnitude[:, None] if a.axis == "out" else a.magnitude[None, :])
-    header = {OUR_KEY: json.dumps(ours, sort_keys=True)}
+            put(f"{stem}.lora_down.weight", lt.A)
+            put(f"{stem}.lora_up.weight", lt.B)
+            put(f"{stem}.alpha", torch.tensor(lt.alpha))
+            if lt.m is not None:
+                put(f"{stem}.dora_scale", lt.m[:, None] if lt.axis == "out" else lt.m[None, :])
+    readers = exact_readers(written_form(format, kind, axis))
+    header = {OUR_KEY: json.dumps(ours, sort_keys=True), READERS_KEY: json.dumps(list(readers))}
     if format == "native":
-        peft_cfg = {}
-        for comp, paths in targets.items():
-            peft_cfg.update(
-                {
-                    f"{comp}.r": info.rank,
-                    f"{comp}.lora_alpha": info.alpha,
-                    f"{comp}.use_dora": info.kind == "dora",
-                    f"{comp}.target_modules": sorted(paths),
-                    **{f"{comp}.{k}": v for k, v in patterns.get(comp, {}).items()},
-                }
-            )
-        header[DIFFUSERS_KEY] = json.dumps(peft_cfg, sort_keys=True)
+        header[DIFFUSERS_KEY] = json.dumps(_peft_header(targets, patterns, rank, alpha, kind), sort_keys=True)
     else:
-        header.update(
-            {
-                "ss_network_module": "lycoris.kohya" if info.kind == "dora" else "networks.lora",
-                "ss_network_dim": str(info.rank),
-                "ss_network_alpha": f"{info.alpha:g}",
-                "ss_base_model_version": "sdxl_base_v1-0" if arch["sdxl"] else "sd_v1",
-                "ss_network_args": json.dumps({"dora_wd": "True"} if info.kind == "dora" else {}),
-            }
-        )
+        header.update(_kohya_header(kind, rank, alpha, arch["sdxl"]))
     atomic_save_file(tensors, path, header)
     return path
+
+
+def _peft_header(targets, patterns, rank: int, alpha: float, kind: str) -> dict:
+    """diffusers' ``lora_adapter_metadata``: peft LoraConfig fields per component."""
+    cfg = {}
+    for comp, paths in targets.items():
+        cfg.update({f"{comp}.r": rank, f"{comp}.lora_alpha": alpha, f"{comp}.use_dora": kind == "dora"})
+        cfg[f"{comp}.target_modules"] = sorted(paths)
+        cfg.update({f"{comp}.{k}": v for k, v in patterns.get(comp, {}).items()})
+    return cfg
+
+
+def _kohya_header(kind: str, rank: int, alpha: float, sdxl: bool) -> dict[str, str]:
+    """kohya's ``ss_`` training metadata, which A1111 shows and uses to tell SD1 from SDXL files."""
+    return {
+        "ss_network_module": "lycoris.kohya" if kind == "dora" else "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_network_args": json.dumps({"dora_wd": "True"} if kind == "dora" else {}),
+    }
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
@@ -275,52 +340,103 @@ def _open_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         ) from e
 
 
-def _split(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
-    for suffix, part in suffixes.items():
+def _split(key: str) -> tuple[str, str, str] | None:
+    """key → (stem, part, suffix) for the adapter-tensor suffixes of every layout, or None."""
+    for suffix, part in _SUFFIXES.items():
         if key.endswith(suffix):
-            return key[: -len(suffix)], part
+            return key[: -len(suffix)], part, suffix
     return None
 
 
+def _resolve(stem: str, table: dict, comps: dict) -> list[tuple[str, str]]:
+    """(component, module path) candidates of a key stem; several only for raw peft stems without a component."""
+    if stem in table:
+        return [table[stem]]
+    comp, _, rest = stem.partition(".")
+    if comp in comps and rest.startswith(_PEFT_PREFIX):  # a PeftModel's state dict saved under a component
+        return _resolve(f"{comp}.{rest[len(_PEFT_PREFIX) :]}", table, comps)
+    if stem.startswith(_PEFT_PREFIX):  # peft's own save of one model: no component in the key
+        rest = stem[len(_PEFT_PREFIX) :]
+        return [table[f"{comp}.{rest}"] for comp in comps if f"{comp}.{rest}" in table]
+    return []
+
+
 def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
-    """Parse and validate an adapter file against ``pipe``; raises AdapterFileError listing every problem."""
+    """Parse and validate an adapter file against ``pipe``; raises AdapterFileError listing every problem.
+
+    Layouts: native/diffusers and peft (``lora_A``/``lora_B``, ``lora_magnitude_vector`` with or without
+    ``.weight``, peft's ``base_model.model.`` keys with alpha from a sibling ``adapter_config.json``), kohya and
+    LyCORIS (``lora_down``/``lora_up``/``alpha``/``dora_scale`` of either axis, 2-D or 1-D), ai-toolkit
+    (``.magnitude``), OneTrainer (its kohya, diffusers — ``lora_A``/``lora_B`` beside an input-axis
+    ``dora_scale`` — and ComfyUI layouts)."""
     path = Path(path)
     tensors, meta = _open_checked(path)
     ours = json.loads(meta.get(OUR_KEY, "{}") or "{}")
     peft_cfg = json.loads(meta.get(DIFFUSERS_KEY, "{}") or "{}")
     comps = components(pipe)
-    fmt = "kohya" if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in tensors) else "native"
-    table = keys.name_table(comps, "text_encoder_2" in comps) if fmt == "kohya" else {}
-    module_names = {comp: {n for n, _ in m.named_modules()} for comp, m in comps.items()}
+    fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors) else "native"
+    fmt = "peft" if any(_PEFT_PREFIX in k for k in tensors) else fmt  # peft's own save: a layout of its own
+    table = keys.name_table(comps, "text_encoder_2" in comps)
     layers: dict[tuple[str, str], LayerTensors] = {}
     unexpected: list[str] = []
     for key, t in tensors.items():
-        split = _split(key, _KOHYA_SUFFIXES if fmt == "kohya" else _NATIVE_SUFFIXES)
-        if split is None:
+        split = _split(key)
+        targets = _resolve(split[0], table, comps) if split else []
+        if split is None or not targets:
             unexpected.append(key)
             continue
-        stem, part = split
-        if fmt == "kohya":
-            target = table.get(stem)
-        else:
-            comp, _, mod = stem.partition(".")
-            mod = keys.model_path(comp, comps[comp], mod) if comp in comps else ""
-            target = (comp, mod) if mod and mod in module_names[comp] else None
-        if target is None:
-            unexpected.append(key)
-            continue
-        lt = layers.setdefault(target, LayerTensors())
+        stem, part, suffix = split
+        lt = layers.setdefault((stem, targets[0][0]) if len(targets) > 1 else targets[0], LayerTensors())
+        if len(targets) > 1:
+            lt.candidates = targets
         if part == "alpha":
             lt.alpha = float(t.float().reshape(-1)[0]) if t.numel() == 1 else float("nan")
         else:
             setattr(lt, part, t)
+            lt.m_source = suffix if part == "m" else lt.m_source
     _check_architecture(path.name, tensors, comps, ours)
-    _fill_native_alpha(layers, peft_cfg)
-    problems = _validate(layers, comps, unexpected, ours)
+    problems = _place_peft_layers(layers, comps)
+    notes = _fill_alpha(layers, peft_cfg, _sibling_peft_config(path, tensors))
+    problems += _validate(layers, comps, unexpected, ours)
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise AdapterFileError(f"{path.name} does not fit the loaded model:\n  {shown}")
-    return AdapterFile(fmt, layers, ours)
+    return AdapterFile(fmt, layers, ours, notes + _axis_notes(layers))
+
+
+def _place_peft_layers(layers: dict, comps: dict) -> list[str]:
+    """Give raw peft layers (no component in the key) the one component whose layer their shapes fit."""
+    problems = []
+    for key in [k for k, lt in layers.items() if lt.candidates]:
+        lt = layers.pop(key)
+        fits = [c for c in lt.candidates if lt.A is not None and lt.B is not None and _fits(comps, c, lt)]
+        if len(fits) != 1:
+            where = " or ".join(f"{c}.{m}" for c, m in lt.candidates)
+            problems.append(
+                f"{key[0]}: the key names no component and fits {where} — save it with a component prefix "
+                "(diffusers' save_lora_weights writes unet./text_encoder./text_encoder_2.)"
+            )
+            continue
+        lt.candidates = None
+        layers[fits[0]] = lt
+    return problems
+
+
+def _fits(comps: dict, target: tuple[str, str], lt: LayerTensors) -> bool:
+    layer = comps[target[0]].get_submodule(target[1])
+    return tuple(lt.A.shape)[1:] == (layer.in_features,) and lt.B.shape[0] == layer.out_features
+
+
+def _sibling_peft_config(path: Path, tensors: dict) -> dict:
+    """peft's ``adapter_config.json`` next to a raw peft file (its keys start with ``base_model.model.``)."""
+    cfg = path.parent / "adapter_config.json"
+    if not any(k.startswith(_PEFT_PREFIX) for k in tensors) or not cfg.is_file():
+        return {}
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _arch_label(sdxl: bool | None, dim: int | None) -> str:
@@ -331,7 +447,7 @@ def _arch_label(sdxl: bool | None, dim: int | None) -> str:
 def _check_architecture(fname: str, tensors: dict, comps: dict, ours: dict) -> None:
     """One clear sentence when the file was made for another architecture, before listing key problems."""
     model_sdxl = "text_encoder_2" in comps
-    model_dim = int(comps["unet"].config.cross_attention_dim) if "unet" in comps else None
+    model_dim = _cross_attention_dim(comps)
     file_dim = (ours.get("arch") or {}).get("cross_attention_dim")
     if file_dim is None:  # foreign file: the cross-attention key/value projections read it
         for key, t in tensors.items():
@@ -349,20 +465,26 @@ def _check_architecture(fname: str, tensors: dict, comps: dict, ours: dict) -> N
         )
 
 
-def _fill_native_alpha(layers: dict[tuple[str, str], LayerTensors], peft_cfg: dict) -> None:
-    """alpha from diffusers' header (per component, with peft's alpha_pattern), else alpha = rank."""
+def _fill_alpha(layers: dict[tuple[str, str], LayerTensors], peft_cfg: dict, peft_file_cfg: dict) -> list[str]:
+    """alpha from the file (kohya), diffusers' header (per component, with peft's alpha_pattern) or peft's
+    adapter_config.json; else alpha = rank, as every reader assumes then. Returns a note when it was assumed."""
+    assumed = 0
     for (comp, mod), lt in layers.items():
         if lt.alpha is not None:
             continue
-        pattern = peft_cfg.get(f"{comp}.alpha_pattern") or {}
+        pattern = peft_cfg.get(f"{comp}.alpha_pattern") or peft_file_cfg.get("alpha_pattern") or {}
         match = next((v for k, v in pattern.items() if mod == k or mod.endswith("." + k)), None)
-        alpha = match if match is not None else peft_cfg.get(f"{comp}.lora_alpha")
-        lt.alpha = float(alpha) if alpha is not None else (float(lt.A.shape[0]) if lt.A is not None else None)
+        alpha = match if match is not None else peft_cfg.get(f"{comp}.lora_alpha", peft_file_cfg.get("lora_alpha"))
+        if alpha is None and lt.A is not None:
+            alpha, assumed = float(lt.A.shape[0]), assumed + 1
+        lt.alpha = float(alpha) if alpha is not None else None
+    if not assumed:
+        return []
+    return [f"{assumed} layer(s) store no alpha: alpha = rank (scaling 1) assumed, as every reader does"]
 
 
 def _validate(layers, comps, unexpected, ours) -> list[str]:
     problems = [f"unexpected key {k!r} (no such layer in this model, or not an adapter tensor)" for k in unexpected]
-    axis_hint = ours.get("axis")
     for (comp, mod), lt in sorted(layers.items()):
         where = f"{comp}.{mod}"
         layer = comps[comp].get_submodule(mod)
@@ -391,24 +513,53 @@ def _validate(layers, comps, unexpected, ours) -> list[str]:
             continue
         if lt.alpha is None or not math.isfinite(lt.alpha) or lt.alpha <= 0:
             problems.append(f"{where}: alpha {lt.alpha} must be a finite number > 0")
-        if lt.m is not None:
-            m = lt.m
-            if m.ndim == 2 and m.shape == (out_f, 1):
-                lt.axis, lt.m = "out", m[:, 0]
-            elif m.ndim == 2 and m.shape == (1, in_f):
-                lt.axis, lt.m = "in", m[0]
-            elif m.ndim == 1 and m.shape[0] == (in_f if axis_hint == "in" else out_f):
-                lt.axis = axis_hint or "out"
-            else:
-                problems.append(
-                    f"{where}: magnitude shape {tuple(m.shape)} fits neither axis of the layer "
-                    f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))"
-                )
+        if lt.m is not None and (axis := _magnitude_axis(lt, out_f, in_f)) is None:
+            problems.append(
+                f"{where}: magnitude shape {tuple(lt.m.shape)} fits neither axis of the layer "
+                f"(expected ({out_f},), ({out_f}, 1) or (1, {in_f}))"
+            )
+        elif lt.m is not None:
+            lt.axis, lt.m_ndim, lt.m = axis, lt.m.ndim, lt.m.reshape(-1)
+    _settle_axes(layers, ours.get("axis"), problems)
     kinds = {lt.m is not None for lt in layers.values() if lt.A is not None}
     if len(kinds) > 1:
         missing = sorted(f"{c}.{m}" for (c, m), lt in layers.items() if lt.m is None)
         problems.append(f"DoRA magnitude missing for {len(missing)} layer(s), e.g. {missing[0]}: file incomplete")
     return problems
+
+
+def _magnitude_axis(lt: LayerTensors, out_f: int, in_f: int) -> str | None:
+    """ "out", "in", "?" (a 1-D magnitude of a square layer: either axis) or None (fits neither)."""
+    m = lt.m
+    if m.ndim == 2:
+        return "out" if m.shape == (out_f, 1) else "in" if m.shape == (1, in_f) else None
+    if m.ndim != 1 or m.shape[0] not in (out_f, in_f):
+        return None
+    if lt.m_source in _ROW_MAGNITUDES:  # peft, diffusers and ai-toolkit only implement the row norm
+        return "out" if m.shape[0] == out_f else None
+    return "?" if out_f == in_f else ("out" if m.shape[0] == out_f else "in")
+
+
+def _settle_axes(layers: dict, hint: str | None, problems: list[str]) -> None:
+    """One axis per file: square layers with a 1-D ``dora_scale`` take the axis the other layers show, else our
+    header's, else "out" (diffusers' convert_state_dict_to_kohya writes its row magnitudes 1-D)."""
+    seen = {lt.axis for lt in layers.values() if lt.m is not None and lt.axis != "?"}
+    if len(seen) > 1 and not problems:  # (a layer that failed its checks has no axis yet)
+        problems.append("the file mixes output-axis and input-axis DoRA magnitudes; no tool writes that — corrupt?")
+    axis = next(iter(seen)) if len(seen) == 1 else (hint or "out")
+    for lt in layers.values():
+        if lt.m is not None and lt.axis == "?":
+            lt.axis, lt.m_source = axis, lt.m_source + " (axis inferred)"
+
+
+def _axis_notes(layers: dict) -> list[str]:
+    inferred = [lt for lt in layers.values() if lt.m_source and lt.m_source.endswith("(axis inferred)")]
+    if not inferred:
+        return []
+    return [
+        f"{len(inferred)} square layer(s) store a 1-D dora_scale, which does not say its axis: read as "
+        f"axis='{inferred[0].axis}' like the file's other layers (or diffusers' convention, rows)"
+    ]
 
 
 def load_adapter(pipe, path: str | os.PathLike, name: str = "default", scale: float = 1.0) -> AdapterFile:

@@ -4,7 +4,8 @@ Public paths: transformers 5 flattened CLIPTextModel (``encoder.layers.0…``), 
 ComfyUI, A1111 and transformers 4 spell the first text encoder ``text_model.encoder.layers.0…``. Files are
 written with the public spelling (stock diffusers on transformers 5 maps it back) and read in either.
 
-Kohya-style names (``lora_unet_…``, ``lora_te_…``) for ComfyUI / A1111 / Forge:
+Kohya-style names (``lora_unet_…``, ``lora_te_…``), the keys kohya-ss, LyCORIS, ComfyUI, A1111 and Forge look up
+(which of them apply a file's DoRA right is ``readers.exact_readers``' business):
 
 Kohya flattens a module path by replacing dots with underscores. SD1.x/2.x files use diffusers' UNet paths;
 SDXL files use the original (ldm) UNet layout that kohya's SDXL trainer writes:
@@ -89,21 +90,34 @@ def kohya_name(component: str, path: str, module: nn.Module, sdxl: bool) -> str:
     return _flat(prefixes[component], public_path(component, module, path))
 
 
+# How other tools spell a text encoder in dotted files: OneTrainer's ComfyUI layout names it by architecture.
+COMFY_TEXT_PREFIX = {
+    "text_encoder": ("text_encoders.clip_l.transformer", "text_encoders.clip_h.transformer"),
+    "text_encoder_2": ("text_encoders.clip_g.transformer",),
+}
+
+
 def name_table(components: dict[str, nn.Module], sdxl: bool) -> dict[str, tuple[str, str]]:
-    """{kohya stem: (component, module path)} for every nn.Linear of the model, in every layout kohya-style
-    tools write: diffusers paths and ldm paths for the UNet; ``lora_te`` and ``lora_te1`` for the first text
-    encoder (older SDXL exports used ``lora_te``)."""
+    """{key stem: (component, module path)} for every nn.Linear of the model, in every spelling adapter files use:
+
+    kohya (flat): diffusers and ldm paths for the UNet (``lora_unet_…``); ``lora_te`` and ``lora_te1`` for the first
+    text encoder (older SDXL exports used ``lora_te``); dotted: ``<component>.<path>`` (diffusers, peft, OneTrainer)
+    with or without ``text_model.``, and OneTrainer's ComfyUI layout (``diffusion_model.<ldm path>``,
+    ``text_encoders.clip_l.transformer.<path>``)."""
     table: dict[str, tuple[str, str]] = {}
     for comp, module in components.items():
         for path, m in module.named_modules():
             if not isinstance(m, nn.Linear):
                 continue
             if comp == "unet":
-                table[_flat("lora_unet", path)] = (comp, path)
+                table[_flat("lora_unet", path)] = table[f"unet.{path}"] = (comp, path)
                 if (ldm := ldm_unet_path(path, module)) is not None:
-                    table[_flat("lora_unet", ldm)] = (comp, path)
-            else:
-                for spelling in {path, public_path(comp, module, path)}:
-                    table[_flat(TEXT_PREFIX[comp], spelling)] = (comp, path)
-                    table[_flat(SDXL_TEXT_PREFIX[comp], spelling)] = (comp, path)
+                    table[_flat("lora_unet", ldm)] = table[f"diffusion_model.{ldm}"] = (comp, path)
+                continue
+            for spelling in {path, public_path(comp, module, path)}:
+                table[_flat(TEXT_PREFIX[comp], spelling)] = (comp, path)
+                table[_flat(SDXL_TEXT_PREFIX[comp], spelling)] = (comp, path)
+                table[f"{comp}.{spelling}"] = (comp, path)
+                for prefix in COMFY_TEXT_PREFIX[comp]:
+                    table[f"{prefix}.{spelling}"] = (comp, path)
     return table

@@ -40,6 +40,8 @@ from dreambooth_dora.adapters.io import (
     parse_adapter_spec,
     save_adapter,
 )
+from dreambooth_dora.adapters.readers import HEADER_KEY as READERS_KEY
+from dreambooth_dora.adapters.readers import exact_readers, written_form
 from dreambooth_dora.sd.ldm import LdmLayoutError, pipeline_to_ldm
 from dreambooth_dora.sd.pipelines import DTYPES, ModelLoadError, describe_architecture, load_pipeline, save_pipeline
 
@@ -146,7 +148,8 @@ def export_merged(
     if single is not None:
         label = next(k for k, v in DTYPES.items() if v == dtype)
         header = {"adapters": [[str(p), s] for p, s in specs], "arch": arch, "base": base, "dtype": label}
-        atomic_save_file(ldm, single, {OUR_KEY: json.dumps(header, sort_keys=True)})
+        readers = exact_readers(written_form("merged", "model"))
+        atomic_save_file(ldm, single, {OUR_KEY: json.dumps(header, sort_keys=True), READERS_KEY: json.dumps(readers)})
     return ExportReport(base, arch, tuple(specs), baked, dtype, out, single)
 
 
@@ -182,7 +185,7 @@ def export_svd_lora(
     """Write a plain LoRA (``kind="lora"``, alpha = ``rank``) approximating DoRA/LoRA file ``adapter`` on
     ``base`` by a truncated SVD of each layer's fp32 update W' − W0 (``Adapter.merged_delta``, strength 1).
 
-    The LoRA goes through ``save_adapter``, so ``format`` ("native" for diffusers, "kohya" for ComfyUI/A1111)
+    The LoRA goes through ``save_adapter``, so ``format`` ("native" for diffusers, "kohya" for the kohya readers)
     and the header are the ones every adapter file gets; the source file's own metadata (trigger phrase,
     base model, training summary) is kept, plus an ``svd`` entry. Works for axis="in" DoRA too: the LoRA
     reproduces W' − W0, whichever parametrization produced it.
@@ -190,7 +193,7 @@ def export_svd_lora(
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ExportError(f"rank={rank!r}: must be an integer >= 1 (the LoRA rank to keep; typical 8-64)")
     if format not in ("native", "kohya"):
-        raise ExportError(f"format={format!r}: choose 'native' (diffusers/peft) or 'kohya' (ComfyUI/A1111)")
+        raise ExportError(f"format={format!r}: choose 'native' (diffusers/peft) or 'kohya' (ComfyUI/A1111/Forge)")
     src, dst = Path(adapter), Path(out)
     check_adapter_file(src)
     _check_new_file(dst, "output")

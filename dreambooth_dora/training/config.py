@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dreambooth_dora.adapters.readers import DEFAULT_USE_IN, check_destinations, destinations_for, plan_outputs
 from dreambooth_dora.runs import RunFolder
 
 
@@ -67,7 +68,10 @@ class TrainConfig(BaseModel):
     kind: Literal["dora", "lora", "full"] = "dora"  # full: fine-tune the targets' weights (for comparisons)
     rank: int = Field(16, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0)  # default: alpha = rank
-    axis: Literal["out", "in"] = "out"
+    # Where the adapter will be used (diffusers, comfyui, a1111, forge): decides the DoRA axis and the files
+    # written (adapters.readers.plan_outputs). axis is the expert override; a conflict between them is refused.
+    use_in: list[str] = Field(default_factory=lambda: list(DEFAULT_USE_IN))
+    axis: Literal["out", "in"] | None = None  # set from use_in unless given (never None in a valid config)
     targets: list[str] | None = None  # module-path suffixes/globs; default: attention projections
     dropout: float = Field(0.0, ge=0, lt=1)
     train_text_encoder: bool = False
@@ -97,6 +101,30 @@ class TrainConfig(BaseModel):
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {max(8, round(v / 8) * 8)}")
         return v
 
+    @field_validator("use_in", mode="before")
+    @classmethod
+    def _destinations(cls, v: Any) -> list[str]:
+        return list(check_destinations(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axis_and_use_in(cls, data: Any) -> Any:
+        """Either decides the other: an axis not given follows use_in (adapters.readers.plan_outputs), a use_in not
+        given is the readers that axis is exact in (so ``axis: out`` alone keeps meaning diffusers). Given both,
+        the after-check refuses a conflict; an unusable use_in is reported by its own check."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if not (k in ("axis", "use_in") and v is None)}
+        if "axis" in data and "use_in" not in data:
+            return {**data, "use_in": list(destinations_for(data["axis"]))}
+        if "axis" not in data:
+            try:
+                plan = plan_outputs(data.get("use_in", DEFAULT_USE_IN), None, data.get("kind", "dora"))
+                return {**data, "axis": plan.axis}
+            except ValueError:
+                pass  # the after-check names the conflict
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         problems = []
@@ -105,6 +133,10 @@ class TrainConfig(BaseModel):
                 "class_prompt: prior preservation needs a class prompt without the identifier, e.g. 'a photo "
                 "of a dog' (or set with_prior_preservation: false)"
             )
+        try:
+            plan_outputs(self.use_in, self.axis, self.kind)
+        except ValueError as e:
+            problems.append(str(e))
         if self.lr_warmup_steps > self.max_train_steps:
             problems.append(f"lr_warmup_steps: {self.lr_warmup_steps} exceeds max_train_steps {self.max_train_steps}")
         if problems:

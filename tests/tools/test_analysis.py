@@ -105,6 +105,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                 save_intermediate_every=2,
                 checkpointing_steps=6,
                 kind=kind,
+                use_in=["diffusers"],  # native intermediate files (lora_A keys), read below
             )
         )
     return {kind: root / kind for kind in ("dora", "lora")}

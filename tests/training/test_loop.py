@@ -33,6 +33,7 @@ def _cfg(tmp_path, **over):
         rank=4,
         seed=0,
         checkpointing_steps=2,
+        use_in=["diffusers"],  # these runs are read back by stock diffusers: output-axis DoRA, native file
     )
     cfg.update(over)
     return cfg
