@@ -41,9 +41,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # dora_layer.py / train_speed.py
 from dora_layer import VARIANTS, bench, peak_mib, print_header, ratio, shared_copy, table  # noqa: E402
+from torch import nn  # noqa: E402
 from train_speed import build, make_step, make_variants, n_params, set_checkpointing  # noqa: E402
 
-from dreambooth_dora.adapters.quantized import is_quantized_linear  # noqa: E402
+from dreambooth_dora.adapters.inject import add_adapter  # noqa: E402
+from dreambooth_dora.adapters.quantized import is_quantized_linear, magnitude_for_base  # noqa: E402
 from dreambooth_dora.sd.quantize import base_bytes, blocksize_for, quantize_module  # noqa: E402
 
 BASES = ("float", "nf4", "int8")
@@ -190,6 +192,57 @@ def run(args, device, dtype) -> None:
     print(layer_story(args.rank))
 
 
+def transfer_rows(method: str, shape: tuple[int, int], axis: str, rank: int = 16) -> list:
+    """One layer W (SD-like init, std 0.02) quantized; a DoRA adapter as after training on the quantized base
+    (‖sBA‖ = 2 % of ‖W0‖, m moved ±3 % off ‖W0 + sBA‖). Its learned update Δ = W'_q − Wq loaded onto the
+    full-precision W: as is, and with magnitude_for_base. Errors relative to the update's own effect ‖Δx‖."""
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(out_f + in_f)
+    full = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
+    with torch.no_grad():
+        full[0].weight.copy_(torch.randn(shape, generator=g) * 0.02)
+    quant = shared_copy(full)
+    quantize_module(quant, method)
+    add_adapter(quant, rank=rank, axis=axis, targets=["0"])
+    layer, a = quant[0], quant[0].adapters["default"]
+    wf, wq = full[0].weight.detach(), layer.frozen
+    with torch.no_grad():
+        a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g))
+        a.lora_B.mul_(0.02 * wf.norm() / (a.scaling * a.lora_B @ a.lora_A).norm())
+        a.magnitude.copy_(a.weight_norm(wq) * (1 + 0.03 * torch.randn(a.magnitude.shape, generator=g)))
+        x = torch.randn(256, in_f, generator=g)
+        delta_q = a.merged_delta(wq)  # what training on the quantized base learned
+        target = wf + delta_q  # the full-precision base with that update
+        effect = (x @ delta_q.t()).norm()
+        naive = wf + a.merged_delta(wf)
+        m = a.magnitude.clone()
+        a.magnitude.copy_(magnitude_for_base(a, wq, wf))
+        corrected = wf + a.merged_delta(wf)
+        a.magnitude.copy_(m)
+        trained = wq.float() + delta_q  # the model training validated (quantized base + adapter)
+    err = lambda w, ref: f"{((x @ (w - ref).t()).norm() / effect).item():.4f}"  # noqa: E731
+    return [method, f"{out_f}×{in_f}", axis, err(naive, target), err(corrected, target), err(naive, trained),
+            err(corrected, trained), err(wf, wq.float())]  # fmt: skip
+
+
+def run_transfer() -> None:
+    rows = [
+        transfer_rows(method, shape, axis)
+        for method in BASES[1:]
+        for shape in ((640, 640), (1280, 2048))
+        for axis in ("out", "in")
+    ]
+    print("## A DoRA adapter trained on a quantized base, loaded onto the full-precision base\n")
+    print(
+        "Errors are ‖(W − W_ref) x‖ / ‖Δ x‖, relative to the effect of the learned update Δ = W'_q − Wq on random x. "
+        "target = Wf + Δ (the full base with the learned update); trained = Wq + Δ (what training validated). "
+        "as is: the file's m on Wf; corrected: m' = magnitude_for_base (row scales m/‖W0 + ΔW‖ kept).\n"
+    )
+    headers = ["base", "W (out×in)", "axis", "as is vs target", "corrected vs target", "as is vs trained",
+               "corrected vs trained", "Wf vs Wq (for scale)"]  # fmt: skip
+    print(table(headers, rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
@@ -204,6 +257,7 @@ def main() -> None:
     add("--steps", type=int, help="measured rounds (default 3; 1 with --dry-run)")
     add("--checkpointing", action="store_true", help="UNet and text encoder gradient checkpointing on")
     add("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --dry-run)")
+    add("--transfer", action="store_true", help="only: adapter trained on a quantized base, loaded on the full one")
     args = ap.parse_args()
     args.quick = args.dry_run  # train_speed.build's down-scaled models
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -212,7 +266,10 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (0 if args.dry_run else 1)
     args.steps = args.steps or (1 if args.dry_run else 3)
     print_header("QDoRA / QLoRA training step: float, NF4 and int8 bases, ours vs peft", args, device)
-    run(args, device, dtype)
+    if args.transfer:
+        run_transfer()
+    else:
+        run(args, device, dtype)
 
 
 if __name__ == "__main__":

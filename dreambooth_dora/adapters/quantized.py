@@ -297,3 +297,15 @@ class QuantAdaptedLinear(AdaptedLinear):
 def adapted_linear(layer: nn.Linear) -> AdaptedLinear:
     """The adapter-carrying wrapper for ``layer``: ``QuantAdaptedLinear`` for a bitsandbytes layer."""
     return QuantAdaptedLinear(layer) if is_quantized_linear(layer) else AdaptedLinear(layer)
+
+
+@torch.no_grad()
+def magnitude_for_base(adapter: Adapter, trained_on, target) -> torch.Tensor:
+    """DoRA magnitudes for moving an adapter from the base it was trained on (e.g. the ``QuantizedWeight`` of a
+    4-bit layer) to another W0 of the same layer (its full-precision weight): m' = m · ‖target + ΔW‖ / ‖trained_on
+    + ΔW‖ per row (column for axis "in"), so that the row scales m/‖W0 + ΔW‖ the training settled on are kept
+    and the learned update W' − W0 carries over up to (c − 1)·(target − trained_on) (benchmarks/qdora.py
+    --transfer measures it). Only DoRA has magnitudes; a LoRA update ΔW carries over as it is."""
+    if adapter.kind != "dora":
+        raise ValueError(f"only DoRA adapters have magnitudes; this one is {adapter.kind!r}")
+    return adapter.magnitude * adapter.weight_norm(target) / adapter.weight_norm(trained_on)

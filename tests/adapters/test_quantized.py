@@ -312,3 +312,22 @@ def test_training_step_on_quantized_base_computes_the_norm_once_per_step(monkeyp
         assert x.grad is not None  # gradients flow through the quantized matmul to the input
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_magnitude_for_the_full_precision_base_keeps_the_trained_row_scales(axis):
+    from dreambooth_dora.adapters.quantized import magnitude_for_base
+
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(128, 96, bias=False))
+    quant = copy.deepcopy(full)
+    quantize_module(quant, "nf4")
+    add_adapter(quant, rank=4, axis=axis, targets=["0"])
+    perturb(quant, b_std=0.05)
+    a, wq, wf = quant[0].adapters["default"], quant[0].weight, full[0].weight.detach()
+    trained_scale = a.norm_scale(wq).detach().clone()
+    moved = magnitude_for_base(a, wq, wf)
+    assert not torch.allclose(moved, a.magnitude)  # the two bases' norms differ: m must move
+    with torch.no_grad():
+        a.magnitude.copy_(moved)
+    assert torch.allclose(a.norm_scale(wf), trained_scale, rtol=1e-6)
