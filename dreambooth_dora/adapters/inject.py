@@ -2,6 +2,8 @@
 
 Every function takes either one ``nn.Module`` (a UNet, a text encoder) or a diffusers pipeline; for a pipeline
 it acts on the adaptable components: ``unet``, ``text_encoder`` and ``text_encoder_2`` (SDXL).
+Target layers may be plain ``nn.Linear`` or bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (a quantized base,
+``sd.quantize``): those get ``adapters.quantized.QuantAdaptedLinear``, with the same API.
 See docs/ARCHITECTURE.md (The DoRA math).
 """
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from dreambooth_dora.adapters.layers import AXES, KINDS, AdaptedLinear, Adapter
+from dreambooth_dora.adapters.quantized import adapted_linear
 
 # Attention projections: diffusers' Attention (UNet) and CLIP's attention (text encoders).
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -61,12 +64,17 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def find_targets(module: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
-    """Module paths of the nn.Linear layers whose path matches one of ``targets`` (suffixes or globs)."""
-    return [
-        name
-        for name, m in module.named_modules()
-        if isinstance(m, nn.Linear) and any(_matches(name, t) for t in targets)
-    ]
+    """Module paths of the nn.Linear layers (bitsandbytes' quantized ones included) whose path matches one of
+    ``targets`` (suffixes or globs); the layer an AdaptedLinear wraps is not a target of its own."""
+    found, wrapped = [], ()
+    for name, m in module.named_modules():
+        if name.startswith(wrapped):
+            continue
+        if isinstance(m, AdaptedLinear):
+            wrapped += (name + ".",)
+        if isinstance(m, nn.Linear) and any(_matches(name, t) for t in targets):
+            found.append(name)
+    return found
 
 
 def adapted_layers(model) -> Iterator[tuple[str, str, AdaptedLinear]]:
@@ -151,7 +159,7 @@ def wrap_layer(module: nn.Module, path: str) -> AdaptedLinear:
     """The AdaptedLinear at ``path`` in ``module``, wrapping the nn.Linear there on first use."""
     layer = module.get_submodule(path)
     if not isinstance(layer, AdaptedLinear):
-        layer = AdaptedLinear(layer)
+        layer = adapted_linear(layer)
         _set_submodule(module, path, layer)
     if layer.merged:
         raise AdapterError("unmerge_adapters(model) before adding an adapter to a merged model")
@@ -253,8 +261,9 @@ def bake_adapters(model) -> int:
     """IRREVERSIBLE: fold the enabled adapters (at their strengths) into the weights, W0 + Σ λ_i (W'_i − W0),
     and replace every AdaptedLinear by a plain nn.Linear holding that weight. W0 and all adapters (disabled
     ones included) are discarded: nothing can be unmerged afterwards, and the state dict has exactly the base
-    model's keys. For exporting a merged model; use merge_adapters to merge reversibly. Returns the number of
-    layers baked."""
+    model's keys. For exporting a merged model; use merge_adapters to merge reversibly. On a quantized base
+    a baked layer becomes a float nn.Linear holding W' in the compute dtype (the other layers stay quantized).
+    Returns the number of layers baked."""
     baked = 0
     for module in components(model).values():
         for path, layer in list(module.named_modules()):
@@ -271,7 +280,8 @@ def unmerge_adapters(model) -> None:
 
 
 def remove_adapter(model, name: str) -> None:
-    """Delete adapter ``name``; layers left with no adapter become plain nn.Linear again."""
+    """Delete adapter ``name``; layers left with no adapter become the layer they wrapped again (a plain
+    nn.Linear, or the bitsandbytes layer of a quantized base, bit for bit)."""
     _require(model, name)
     with _editing(model):
         for module in components(model).values():

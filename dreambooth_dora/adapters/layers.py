@@ -21,6 +21,10 @@ The forward is then the LoRA forward plus one elementwise op:
 Strength λ of an unmerged adapter: W(λ) = W0 + λ(W' − W0) (λ=0 is exactly the base model); several
 adapters add their deltas. Merging folds them into the weight and keeps an exact copy of W0 so that
 unmerging restores it bit for bit.
+
+W0 is a float tensor here. On a quantized base (``adapters.quantized``) it is an object with the same few
+operations (``linear``, ``square_sums``, ``times_t``, ``left_times``, ``float``), computed from the packed
+weight without ever holding a whole float copy per step; everything else in this module is shared.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 # their version counters, so every optimizer step anywhere also invalidates the cached norms. torch calls this
 # global hook after the step of every torch.optim.Optimizer subclass (8-bit AdamW and Prodigy included).
 register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _linear(weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ [+ bias] for a float W0, or through the quantized layer's own matmul (its own bias when given)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight, bias)
+    return weight.linear(x, bias=bias is not None)
 
 
 def _tensor_key(*tensors: torch.Tensor) -> tuple:
@@ -125,6 +136,8 @@ class Adapter(nn.Module):
     # -- the norm ‖V‖, factored and cached ---------------------------------------------------------------------
 
     def _w0_squared(self, weight: torch.Tensor) -> torch.Tensor:
+        if not isinstance(weight, torch.Tensor):  # a quantized W0 never changes: it caches ‖W0‖² itself
+            return weight.square_sums(self.axis)
         key = _tensor_key(weight)
         if self._w0_sq is None or self._w0_sq[0] != key:
             w = weight.detach().float()
@@ -143,15 +156,18 @@ class Adapter(nn.Module):
         key = _tensor_key(weight, A, B)
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        w, s = weight.detach(), self.scaling
+        dense = isinstance(weight, torch.Tensor)  # else a quantized W0 (adapters.quantized.QuantizedWeight)
+        w, s = weight.detach() if dense else weight, self.scaling
         sq = self._w0_squared(weight)
         # The products with W0 run in W0's own dtype (fp32 accumulation inside the GEMM): an fp32 copy of a
         # half-precision W0 every step would cost more than the norm itself.
         if self.axis == "out":
-            cross = (B * (w @ A.t().to(w.dtype)).float()).sum(dim=1)  # (out,)
+            w_at = w @ A.t().to(w.dtype) if dense else w.times_t(A)  # W0 Aᵀ: (out, r)
+            cross = (B * w_at.float()).sum(dim=1)  # (out,)
             quad = ((B @ (A @ A.t())) * B).sum(dim=1)
         else:
-            cross = (A * (B.t().to(w.dtype) @ w).float()).sum(dim=0)  # (in,)
+            bt_w = B.t().to(w.dtype) @ w if dense else w.left_times(B.t())  # Bᵀ W0: (r, in)
+            cross = (A * bt_w.float()).sum(dim=0)  # (in,)
             quad = (((B.t() @ B) @ A) * A).sum(dim=0)
         norm = (sq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
         self._norm = (key, norm)
@@ -182,7 +198,7 @@ class Adapter(nn.Module):
             # (c − 1)⊙W0x + c⊙s·B(Ax)
             return torch.addcmul(base * (c - 1), self.lora_branch(x2), c)
         xs = x2 * c
-        return F.linear(xs - x2, weight) + self.lora_branch(xs)
+        return _linear(weight, xs - x2) + self.lora_branch(xs)
 
     @torch.no_grad()
     def merged_delta(self, weight: torch.Tensor) -> torch.Tensor:
@@ -216,17 +232,21 @@ class AdaptedLinear(nn.Linear):
     def active(self) -> list[Adapter]:
         return [a for a in self.adapters.values() if a.enabled and a.scale != 0.0]
 
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer without live adapters: the base, or the merged weight while merged."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = [] if self.merged else self.active()
         if not active:
-            return F.linear(x, self.weight, self.bias)
+            return self.plain_forward(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         weight = self.weight
         if len(active) == 1 and active[0].scale == 1.0:
             y = self._forward_single(x2, active[0], weight)
         else:
-            base = F.linear(x2, weight)
+            base = _linear(weight, x2)
             y = base
             for a in active:
                 y = y + a.scale * a.delta(x2, base, weight)
@@ -237,12 +257,12 @@ class AdaptedLinear(nn.Linear):
     def _forward_single(self, x2: torch.Tensor, a: Adapter, weight: torch.Tensor) -> torch.Tensor:
         """The training path: one adapter at strength 1; one elementwise op beyond LoRA."""
         if a.kind != "dora":
-            return a.lora_branch(x2, F.linear(x2, weight, self.bias))
+            return a.lora_branch(x2, _linear(weight, x2, self.bias))
         c = a.norm_scale(weight)
         if a.axis == "in":
             xs = x2 * c.to(x2.dtype)
-            return a.lora_branch(xs, F.linear(xs, weight, self.bias))
-        y = _ScaleRows.apply(a.lora_branch(x2, x2 @ weight.t()), c)  # c ⊙ (W0x + s·B(Ax))
+            return a.lora_branch(xs, _linear(weight, xs, self.bias))
+        y = _ScaleRows.apply(a.lora_branch(x2, _linear(weight, x2)), c)  # c ⊙ (W0x + s·B(Ax))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     # -- merge / unmerge ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.sd.fixtures import build_tiny_sd15, build_tiny_sdxl
+from dreambooth_dora.sd.quantize import check_method, quantize_pipeline
 from dreambooth_dora.shipped import TOY_BASE_DIR, TOY_BUILD_COMMAND
 
 BUILTIN_PREFIX = "builtin:"
@@ -73,12 +74,17 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     config: str | None = None,
+    quantize: str = "none",
 ) -> DiffusionPipeline:
     """Load the Stable Diffusion (1.x, 2.x or XL) pipeline named by ``base`` onto ``device``.
 
     ``config`` is only for single-file checkpoints: a local diffusers folder of the same
     architecture, whose configs (and tokenizers) complete the checkpoint.
+    ``quantize`` (``none``, ``nf4``, ``fp4``, ``int8``; ``sd.quantize``) quantizes the linear layers of the
+    UNet and text encoder(s) while the pipeline is still on the CPU, each one straight onto ``device``, so
+    the full-precision weights never have to fit there.
     """
+    check_method(quantize)
     if config is not None and Path(base).suffix.lower() != ".safetensors":
         raise ModelLoadError(
             f"config={config!r} only applies to single-file .safetensors checkpoints, but base is {base!r}. "
@@ -92,6 +98,7 @@ def load_pipeline(
         # Random and small models drift into subnormal floats, which x86 CPUs compute ~30x slower
         # (measured: one tiny-SDXL image 9.2 s → 0.3 s). Flushing them to zero changes no visible result.
         torch.set_flush_denormal(True)
+    quantize_pipeline(pipe, quantize, device=device)
     return pipe.to(device)
 
 
