@@ -3,8 +3,8 @@
 This is the one place that names output files; everything else asks a ``RunFolder``::
 
     <output_dir>/
-      adapter.safetensors           the adapter, native layout (this project, stock diffusers)
-      adapter_kohya.safetensors     the same adapter in the kohya layout (ComfyUI, A1111, Forge)
+      adapter.safetensors           the adapter, native layout (for diffusers; use_in decides which files)
+      adapter_kohya.safetensors     the kohya layout (for ComfyUI, A1111, Forge; its header names its readers)
       train_config.yaml             the resolved config of the run
       train.log  log.csv  tensorboard/
       samples/step-NNNNNN_I.png     validation images

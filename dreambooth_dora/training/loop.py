@@ -6,9 +6,9 @@ log.csv, TensorBoard, callbacks: closed on every exit) and ``outputs`` (samples,
 Everything random in a step (data order, crops, noise, timesteps, dropout) is derived from (seed, step), so a run
 resumed from a checkpoint reproduces an uninterrupted one exactly.
 
-Writes into ``output_dir`` (names: ``runs.RunFolder``): adapter.safetensors (native, diffusers-loadable),
-adapter_kohya.safetensors, train_config.yaml, samples/, checkpoints/, log.csv and train.log. Only the main process
-writes. See docs/ARCHITECTURE.md (Entry points, Training, Reliability).
+Writes into ``output_dir`` (names: ``runs.RunFolder``) the adapter files its ``use_in`` needs (adapter.safetensors
+for diffusers, adapter_kohya.safetensors for ComfyUI / A1111 / Forge), train_config.yaml, samples/, checkpoints/,
+log.csv and train.log. Only the main process writes. See docs/ARCHITECTURE.md (Entry points, Training, Reliability).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 
 from dreambooth_dora.adapters.io import save_adapter
+from dreambooth_dora.adapters.readers import LABELS, plan_outputs, readers_text
 from dreambooth_dora.sd.images import save_png
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.runlog import RunLog
@@ -153,9 +154,11 @@ def save_intermediate(s: Session, step: int) -> None:
 
 
 def save_adapters(s: Session, steps: int) -> list[Path]:
-    """The final adapter files: native (axis "out" only; diffusers reads no other) and kohya, with the run's facts
-    in their metadata."""
+    """The final adapter files the config's destinations need (``adapters.readers.plan_outputs``: the files that
+    the ``use_in`` readers apply exactly), with the run's facts in their metadata; the routes to any other
+    destination are logged."""
     cfg = s.cfg
+    plan = plan_outputs(cfg.use_in, cfg.axis, cfg.kind)
     meta = {
         "base_model": cfg.base_model,
         "arch_name": s.arch.arch,
@@ -168,9 +171,11 @@ def save_adapters(s: Session, steps: int) -> list[Path]:
         "train_text_encoder": cfg.train_text_encoder,
     }
     files = []
-    with disk_guard(s, "the adapter files", 2 * _adapter_bytes(s)):
-        if cfg.axis == "out":
-            files.append(save_adapter(s.pipe, s.run.adapter, ADAPTER, "native", meta))
-        files.append(save_adapter(s.pipe, s.run.kohya_adapter, ADAPTER, "kohya", meta))
-    log.info("wrote %s", ", ".join(str(f) for f in files))
+    with disk_guard(s, "the adapter files", len(plan.files) * _adapter_bytes(s)):
+        for planned in plan.files:
+            files.append(save_adapter(s.pipe, planned.path(s.run), ADAPTER, planned.layout, meta))
+            log.info("wrote %s (exact in %s)", files[-1], readers_text(planned.readers))
+    for destination, ways in plan.routes.items():
+        ways = [w.replace("BASE", cfg.base_model).replace(" FILE ", f" {files[0]} ") for w in ways]
+        log.info("for %s, which does not read this file exactly:\n    %s", LABELS[destination], "\n    ".join(ways))
     return files

@@ -66,8 +66,10 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
     )
     out = tmp_path / "run"
     assert result.status == "finished" and result.steps == 4
-    for name in ("adapter.safetensors", "adapter_kohya.safetensors", "train_config.yaml", "log.csv", "train.log"):
+    for name in ("adapter.safetensors", "train_config.yaml", "log.csv", "train.log"):
         assert (out / name).is_file(), name
+    # use_in [diffusers]: no output-axis kohya file, which ComfyUI / A1111 / Forge would apply wrongly
+    assert not (out / "adapter_kohya.safetensors").exists()
     assert [s[0] for s in seen["steps"]] == [1, 2, 3, 4] and seen["steps"][0][1] == 4
     assert seen["ckpts"] == [2, 4] and (out / "checkpoints" / "step-000004" / "state.json").is_file()
     assert seen["samples"][0][0] == 4 and seen["samples"][0][1][0].is_file()
@@ -268,7 +270,7 @@ def test_two_processes_write_one_adapter(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter.safetensors", "adapter_kohya.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["adapter.safetensors"]  # use_in [diffusers]
     assert len((out / "log.csv").read_text().splitlines()) == 5  # one writer: 4 steps + header
 
 
