@@ -112,7 +112,7 @@ def routes(destination: str) -> list[str]:
     return [
         "merged checkpoint (exact; a whole model): python -m dreambooth_dora.export merged --base BASE "
         "--adapter FILE --single-file MODEL.safetensors",
-        f"conversion (re-fits the adapter in the form {LABELS[destination]} reads; prints its weight error): "
+        f"conversion (re-fits the adapter in the form the destination reads; prints its weight error): "
         f"python -m dreambooth_dora.convert FILE OUT.safetensors --to {destination} --base BASE",
         "plain LoRA by truncated SVD of W' − W0 (prints its error; exact at full rank): python -m "
         "dreambooth_dora.export svd --base BASE --adapter FILE --rank R --out OUT.safetensors",

@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
     train_text_encoder: bool = False
 
     # -- speed and memory -------------------------------------------------------------------------------------
+    # QDoRA / QLoRA: the frozen UNet and text-encoder linear layers in 4-bit (nf4, fp4) or 8-bit (int8) with
+    # bitsandbytes; the adapter file is a normal one, its magnitudes re-derived for the full-precision base.
+    quantize_base: Literal["none", "nf4", "fp4", "int8"] = "none"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = True  # used when images do not change between epochs (no random crop/flip)

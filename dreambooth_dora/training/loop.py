@@ -24,6 +24,7 @@ from pathlib import Path
 from dreambooth_dora import threads
 from dreambooth_dora.runs import RunFolderBusy
 from dreambooth_dora.sd.pipelines import ModelLoadError
+from dreambooth_dora.sd.quantize import QuantizationError
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training import outputs, setup
 from dreambooth_dora.training.batches import Batches, LatentCache, TextCache
@@ -32,6 +33,16 @@ from dreambooth_dora.training.data import DataError
 from dreambooth_dora.training.runlog import Callbacks, RunLog, StepInfo
 from dreambooth_dora.training.step import TrainingError, train_step
 
+# What bad input or a failed run raises: one line, exit 2 (tracebacks only for bugs).
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    QuantizationError,
+    ckpt.CheckpointError,
+    TrainingError,
+    RunFolderBusy,
+)
 __all__ = ["Callbacks", "StepInfo", "TrainResult", "TrainingError", "main", "train"]
 log = logging.getLogger("dreambooth_dora.train")
 
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"resume_from_checkpoint": args.resume} if args.resume else {}
         cfg = load_config(args.config, args.set, **extra)
         result = train(cfg)
-    except (ConfigError, DataError, ModelLoadError, ckpt.CheckpointError, TrainingError, RunFolderBusy) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.status == "stopped":

@@ -157,7 +157,9 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
     make_optimizer = optimizer_factory(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
     dtype = DTYPES.get(cfg.mixed_precision, torch.float32)  # mixed_precision "no": fp32
-    pipe = load_pipeline(cfg.base_model, torch_dtype=dtype, config=cfg.base_config)
+    pipe = load_pipeline(
+        cfg.base_model, torch_dtype=dtype, config=cfg.base_config, quantize=cfg.quantize_base, device=accelerator.device
+    )
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; latents are cached or cheap anyway
     arch = describe_architecture(pipe)
