@@ -59,6 +59,24 @@ def _train_rows(data: dict) -> list[list[str]]:
     return out
 
 
+def _qdora_rows(data: dict) -> list[list[str]]:
+    """One row per base (float, NF4, int8): each variant's s/step (×ours LoRA on that base) and step peak memory."""
+    headers, rows = data["tables"][0]["headers"], data["tables"][0]["rows"]
+    col = {h: i for i, h in enumerate(headers)}
+    out = []
+    for base in dict.fromkeys(r[col["base"]] for r in rows):
+        cells = {r[col["variant"]]: r for r in rows if r[col["base"]] == base}
+        shown = [
+            f"{cells[v][col['s/step']]} s ({cells[v][col['time ×oL (same base)']]}×), "
+            f"{cells[v][col['step peak ΔMiB']]} MiB"
+            for v in VARIANTS
+        ]
+        frozen = cells[VARIANTS[0]][col["frozen MiB"]]
+        label = f"QDoRA step {data['shape']} {data['resolution']} px {data['dtype']}, {base} base ({frozen} MiB frozen)"
+        out.append([label, *shown])
+    return out
+
+
 def _generic_rows(data: dict) -> list[list[str]]:
     """Any other benchmark: its first table, row by row, the first column as the label."""
     table = data["tables"][0]
@@ -76,7 +94,8 @@ def table(out: Path) -> str:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        rows = _train_rows(data) if data.get("kind") == "train_speed" else _generic_rows(data)
+        shaped = {"train_speed": _train_rows, "qdora": _qdora_rows}.get(data.get("kind"), _generic_rows)
+        rows = shaped(data)
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     quick = out / "quickstart.json"
     if quick.is_file():

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # dora_layer.py / train_speed.py
-from dora_layer import VARIANTS, bench, peak_mib, print_header, ratio, shared_copy, table  # noqa: E402
+from dora_layer import VARIANTS, bench, peak_mib, print_header, ratio, save_tables, shared_copy, table  # noqa: E402
 from torch import nn  # noqa: E402
 from train_speed import build, make_step, make_variants, n_params, set_checkpointing  # noqa: E402
 
@@ -258,6 +258,7 @@ def main() -> None:
     add("--checkpointing", action="store_true", help="UNet and text encoder gradient checkpointing on")
     add("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --dry-run)")
     add("--transfer", action="store_true", help="only: adapter trained on a quantized base, loaded on the full one")
+    add("--json", metavar="FILE", help="also write the tables as JSON (benchmarks/gpu_summary.py reads it)")
     args = ap.parse_args()
     args.quick = args.dry_run  # train_speed.build's down-scaled models
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -270,6 +271,8 @@ def main() -> None:
         run_transfer()
     else:
         run(args, device, dtype)
+    shape = f"{'SDXL' if args.sdxl else 'SD1.5'}{'-quick' if args.quick else ''}"
+    save_tables(args.json, kind="qdora", shape=shape, resolution=args.resolution, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ def test_the_gpu_suite_dry_run_prints_its_one_table(tmp_path):
     for ckpt in ("off", "on"):
         assert f"| train step SD1.5-quick 64 px fp32, checkpointing {ckpt}" in labels
         assert f"| train step SDXL-quick 64 px fp32, checkpointing {ckpt}" in labels
+    for base in ("float", "nf4", "int8"):
+        assert any(label.startswith("| QDoRA step") and f"{base} base" in label for label in labels), labels
     assert {"| inference: base", "| inference: toggled", "| inference: merged"} <= set(labels)
     assert labels[-1] == "| quickstart (toy preset + toy eval)"
     assert all(line.count("|") == 6 for line in table)
