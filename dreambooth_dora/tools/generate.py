@@ -38,6 +38,7 @@ from dreambooth_dora.adapters.io import AdapterFileError, load_adapter, parse_ad
 from dreambooth_dora.runs import atomic_path
 from dreambooth_dora.sd.images import save_png
 from dreambooth_dora.sd.pipelines import ModelLoadError, load_pipeline
+from dreambooth_dora.sd.quantize import METHODS, QuantizationError
 
 MODES = ("merged", "toggled")
 
@@ -145,9 +146,13 @@ def _adapter_name(path: Path, taken: set[str]) -> str:
 class Studio:
     """One loaded base model plus any number of adapters, switched without reloading (the UI's engine)."""
 
-    def __init__(self, base: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, base_config=None):
+    def __init__(
+        self, base: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, base_config=None, quantize="none"
+    ):
+        """``quantize`` (none|nf4|fp4|int8): hold the base's linear layers quantized (less memory; adapters then
+        run toggled exactly, and "merged" keeps a dense copy of each adapted layer)."""
         self.base = base
-        self.pipe = load_pipeline(base, torch_dtype=dtype, device=device, config=base_config)
+        self.pipe = load_pipeline(base, torch_dtype=dtype, device=device, config=base_config, quantize=quantize)
         self.pipe.set_progress_bar_config(disable=True)
         self._default_scheduler = self.pipe.scheduler
         self._loaded: dict[Path, tuple[str, float]] = {}  # resolved path -> (adapter name, file mtime)
@@ -299,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--scheduler", default="default", help=", ".join(SCHEDULER_NAMES))
+    p.add_argument("--quantize", default="none", choices=METHODS, help="hold the base in 4/8 bits (bitsandbytes)")
     p.add_argument("--out", required=True, type=Path)
     threads.add_argument(p)
     a = p.parse_args(argv)
@@ -310,12 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         check_settings(settings)
         choices = [AdapterChoice.parse(s) for s in a.adapter]
         print(f"loading {a.base}…", flush=True)
-        studio = Studio(a.base, base_config=a.base_config)
+        studio = Studio(a.base, base_config=a.base_config, quantize=a.quantize)
         studio.use(choices, a.mode)
         with tqdm(total=settings.steps * settings.num_images, desc="sampling", unit="step") as bar:
             images = studio.generate(settings, on_step=lambda done, total: _advance(bar, done, total))
         paths = save_images(images, a.out)
-    except (GenerationError, AdapterError, AdapterFileError, ModelLoadError) as e:
+    except (GenerationError, AdapterError, AdapterFileError, ModelLoadError, QuantizationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in paths:

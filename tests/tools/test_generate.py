@@ -54,6 +54,22 @@ def test_merged_and_toggled_give_the_same_image(files):
     assert np.abs(toggled - base).max() > 10  # the adapters change the picture
 
 
+def test_a_quantized_base_generates_merged_and_toggled_alike_and_is_restored(files):
+    """generate --quantize nf4: the base is held in 4 bits; adapters apply toggled (exact) or merged (a dense copy
+    of each adapted layer), and switching them off restores the quantized base's own images."""
+    studio = Studio("builtin:tiny-sd15", quantize="nf4")
+    base = np.asarray(studio.generate(SETTINGS)[0].image, dtype=np.int16)
+    studio.use([AdapterChoice(files["one"], 0.8)], "toggled")
+    toggled = np.asarray(studio.generate(SETTINGS)[0].image, dtype=np.int16)
+    studio.use(studio.choices, "merged")
+    merged = np.asarray(studio.generate(SETTINGS)[0].image, dtype=np.int16)
+    studio.use([], "toggled")
+    again = np.asarray(studio.generate(SETTINGS)[0].image, dtype=np.int16)
+    assert np.abs(merged - toggled).max() <= 2
+    assert np.abs(toggled - base).max() > 10
+    assert np.array_equal(again, base)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_hundred_switches_leave_the_base_bitwise_identical(files, dtype):
     studio = Studio("builtin:tiny-sd15", dtype=dtype)
