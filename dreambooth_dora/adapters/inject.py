@@ -147,12 +147,37 @@ def add_adapter(
         linear = [n for m in comps.values() for n, x in m.named_modules() if isinstance(x, nn.Linear)]
         close = sorted({n.rsplit(".", 1)[-1] for n in linear})[:12]
         raise AdapterError(f"targets {list(targets)} match no nn.Linear layer; layer names here end in: {close}")
+    if kind != "full":
+        _check_rank(rank, comps, plan)
     for prefix, module in comps.items():
         for p in module.parameters():
             p.requires_grad_(False)
         for path in plan[prefix]:
             wrap_layer(module, path).add(name, kind=kind, rank=rank, alpha=alpha, dropout=dropout, axis=axis)
     return {k: v for k, v in plan.items() if v}
+
+
+def _width(layer: nn.Module) -> int:
+    return min(int(getattr(layer, "in_features", 0) or 0), int(getattr(layer, "out_features", 0) or 0))
+
+
+def check_rank(model, rank: int, targets: Sequence[str] | None = None) -> None:
+    """AdapterError when ``rank`` is above the width of a layer ``add_adapter`` would adapt in ``model``."""
+    comps = components(model)
+    _check_rank(rank, comps, {k: find_targets(m, tuple(targets or DEFAULT_TARGETS)) for k, m in comps.items()})
+
+
+def _check_rank(rank: int, comps: dict, plan: dict) -> None:
+    """A rank above a layer's width (min of in and out features) adds size but nothing the layer can express."""
+    widths = {f"{prefix}.{path}": _width(comps[prefix].get_submodule(path)) for prefix in plan for path in plan[prefix]}
+    narrow = {k: w for k, w in widths.items() if 0 < w < rank}
+    if narrow:
+        name, width = min(narrow.items(), key=lambda kv: kv[1])
+        raise AdapterError(
+            f"rank {rank} is above the width of {len(narrow)} adapted layer(s) (narrowest: {name}, {width} features); "
+            f"a rank above min(in, out) features adds file size but no capacity. Use rank <= {width}, or limit "
+            "targets to wider layers"
+        )
 
 
 def wrap_layer(module: nn.Module, path: str) -> AdaptedLinear:

@@ -15,7 +15,7 @@ compatibility work; the diffusers, peft and LyCORIS rows run in CI as tests/comp
     W0 + ΔW, A1111 always takes column norms (an (out, 1) ``dora_scale`` broadcasts into the whole matrix).
     A 1-D ``dora_scale`` crashes or mis-broadcasts there.
   * LyCORIS (``lycoris-lora``) rebuilds modules from a kohya file with its default ``wd_on_output=True``: right
-    for output-axis files, wrong for input-axis ones.
+    for output-axis files; an input-axis file fails to load there (a (1, in) scale does not broadcast).
   * Plain LoRA in the kohya layout (alpha stored as a tensor) is read exactly by all of them.
 
 Imports only the run-folder layout (``runs``).

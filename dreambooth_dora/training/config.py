@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     cpu: bool = False  # force the CPU even when a GPU is present
 
     # -- reproducibility, validation, checkpoints -------------------------------------------------------------
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # 32-bit, like other trainers' seeds
     validation_prompt: str | None = None
     validation_steps: int = Field(100, ge=1)
     num_validation_images: int = Field(2, ge=1, le=16)

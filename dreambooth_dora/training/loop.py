@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth_dora import threads
+from dreambooth_dora.adapters.inject import AdapterError
 from dreambooth_dora.runs import RunFolderBusy
 from dreambooth_dora.sd.pipelines import ModelLoadError
 from dreambooth_dora.sd.quantize import QuantizationError
@@ -42,6 +43,7 @@ USER_ERRORS = (
     ckpt.CheckpointError,
     TrainingError,
     RunFolderBusy,
+    AdapterError,
 )
 __all__ = ["Callbacks", "StepInfo", "TrainResult", "TrainingError", "main", "train"]
 log = logging.getLogger("dreambooth_dora.train")

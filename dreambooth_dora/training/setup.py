@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_dora.adapters.inject import adapter_layers, add_adapter
+from dreambooth_dora.adapters.inject import AdapterError, adapter_layers, add_adapter, check_rank
 from dreambooth_dora.runs import RunFolder, write_text
 from dreambooth_dora.sd.pipelines import DTYPES, BaseArchitecture, describe_architecture, load_pipeline
 from dreambooth_dora.training import checkpoint as ckpt
@@ -163,6 +163,11 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16; latents are cached or cheap anyway
     arch = describe_architecture(pipe)
+    if cfg.kind != "full":
+        try:
+            check_rank(pipe, cfg.rank, cfg.targets)
+        except AdapterError as e:
+            raise ConfigError(f"rank: {e}") from None
     resume = ckpt.resolve(cfg.resume_from_checkpoint, run.checkpoints) if cfg.resume_from_checkpoint else None
     return Inputs(cfg, run, accelerator, pipe, arch, dataset, dtype, resume, make_optimizer)
 

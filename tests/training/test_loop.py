@@ -301,6 +301,8 @@ BAD = {
     "prior without class prompt": ({"with_prior_preservation": True}, "class_prompt: prior preservation needs"),
     "unwritable output_dir": ({"output_dir": "FILE/sub"}, "output_dir: cannot write to"),
     "base not found offline": ({"base_model": "someone/not-cached-model"}, "builtin:"),
+    "rank above the layers' width": ({"rank": 1000}, r"rank: rank 1000 is above the width .* Use rank <= 32"),
+    "seed out of range": ({"seed": 2**70}, "seed: Input should be less than 4294967296"),
 }
 
 
