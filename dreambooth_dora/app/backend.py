@@ -29,26 +29,26 @@ import yaml
 from safetensors import safe_open
 
 from dreambooth_dora.adapters.io import OUR_KEY, AdapterFileError, read_adapter_file
+from dreambooth_dora.adapters.readers import HEADER_KEY, readers_text
+from dreambooth_dora.app import form
 from dreambooth_dora.app.jobs import JobView
-from dreambooth_dora.shipped import PRESETS_DIR
-from dreambooth_dora.training.config import FIELDS, ConfigError, TrainConfig, validate
+from dreambooth_dora.shipped import PRESETS_DIR, SAMPLE_DATA_DIR
+from dreambooth_dora.training.config import FIELDS, ConfigError, TrainConfig, read_yaml, validate
 from dreambooth_dora.training.data import IMAGE_EXTENSIONS, DataError, load_image
 
 MAX_UPLOAD_FILES = 50
 MAX_FILE_BYTES = 20 * 2**20  # per image: any camera JPEG, far below a decompression-bomb PNG
 MAX_TOTAL_BYTES = 200 * 2**20
+MAX_CAPTION_BYTES = 64 * 2**10
 MAX_ADAPTER_BYTES = 2**30  # SDXL rank 128 with the text encoders is ~0.9 GB in fp32
 IDENTIFIER_TOKENS = ("sks", "ohwx", "zwx", "xjy")  # rare tokens: the model knows little about them
-# The settings the Train tab shows; a preset fills these, and its other keys (schedulers, precision, …) ride along.
-FORM_FIELDS = (
-    "max_train_steps", "rank", "alpha", "learning_rate", "kind", "train_text_encoder", "resolution",
-    "with_prior_preservation", "num_class_images", "train_batch_size", "seed", "validation_steps",
-    "validation_inference_steps", "checkpointing_steps",
-)  # fmt: skip
-# Never taken from a preset: where files live and what the images show belong to this job.
+# The settings the Train tab shows (app/form.py); a preset fills these, its prompts, and its other keys
+# (schedulers, precision, …) go into the tab's "Other settings" box.
+FORM_FIELDS = form.NAMES
+# Never taken from a preset: where files live belongs to this job (a preset's images are offered separately).
 _NOT_FROM_PRESET = {
     "base_model", "base_config", "instance_data_dir", "class_data_dir", "output_dir", "resume_from_checkpoint",
-    "instance_prompt", "class_prompt", "validation_prompt", "save_intermediate_every", "cpu",
+    "save_intermediate_every", "cpu",
 }  # fmt: skip
 
 
@@ -92,12 +92,14 @@ class UploadCheck:
 
     accepted: list[tuple[Path, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    captions: list[tuple[Path, str]] = field(default_factory=list)  # (source, safe name) of image.txt files
 
     def describe(self) -> str:
         """Markdown for the Train tab: what is used, and each refused file with its reason."""
         if not self.accepted and not self.rejected:
             return ""
-        lines = [f"**{len(self.accepted)} image(s) ready.**"]
+        with_captions = f", {len(self.captions)} with a caption" if self.captions else ""
+        lines = [f"**{len(self.accepted)} image(s) ready{with_captions}.**"]
         if self.rejected:
             lines.append(f"**{len(self.rejected)} file(s) refused** (not used for training):")
             lines += [f"- `{name}`: {reason}" for name, reason in self.rejected]
@@ -106,11 +108,13 @@ class UploadCheck:
 
 def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
     """Validate uploaded files (the server's copies) as training images: count, size, type, full decode."""
-    check, total, names = UploadCheck(), 0, set()
+    check, total, names, texts = UploadCheck(), 0, set(), []
     for i, src in enumerate(Path(p) for p in (paths or [])):
         shown = safe_filename(src.name, default=f"upload_{i}")
         size = src.stat().st_size if src.is_file() else 0
-        if i >= MAX_UPLOAD_FILES:
+        if Path(shown).suffix == ".txt" and size <= MAX_CAPTION_BYTES:
+            texts.append((src, shown))  # a caption: kept when an image of the same name is accepted
+        elif i >= MAX_UPLOAD_FILES:
             check.rejected.append((shown, f"more than {MAX_UPLOAD_FILES} files; 5-20 photos are typical"))
         elif Path(shown).suffix not in IMAGE_EXTENSIONS:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -133,14 +137,32 @@ def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
                 name = f"{Path(shown).stem}_{k}{Path(shown).suffix}"
             names.add(name.lower())
             check.accepted.append((src, name))
+    _match_captions(check, texts)
     return check
+
+
+def _match_captions(check: UploadCheck, texts: list[tuple[Path, str]]) -> None:
+    """``photo.txt`` beside ``photo.jpg`` is that image's caption (as the trainer reads a folder); others are
+    refused with the reason."""
+    stems = {Path(name).stem.lower(): Path(name).stem for _, name in check.accepted}
+    for src, shown in texts:
+        stem = stems.get(Path(shown).stem.lower())
+        if stem is None:
+            check.rejected.append((shown, "a caption file without an image of the same name"))
+            continue
+        try:
+            src.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            check.rejected.append((shown, "a caption must be UTF-8 text"))
+            continue
+        check.captions.append((src, f"{stem}.txt"))
 
 
 def copy_uploads(check: UploadCheck, dest: Path) -> list[Path]:
     """Copy the accepted images into ``dest`` (the job's own folder) under their safe names."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
-    for src, name in check.accepted:
+    for src, name in [*check.accepted, *check.captions]:
         target = unique_path(dest, name)
         shutil.copyfile(src, target)
         out.append(target)
@@ -161,30 +183,77 @@ def list_presets(folder: Path = PRESETS_DIR) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def read_preset(name: str, folder: Path = PRESETS_DIR) -> tuple[dict, dict, str]:
-    """(form values, other keys carried into the config, the preset's purpose comment) of preset ``name``."""
+@dataclass
+class Preset:
+    """A preset as the Train tab uses it: form values, prompts, its images (when it ships them), the other
+    settings (YAML text for the Other settings box) and its purpose (the file's first comment paragraph)."""
+
+    form: dict
+    prompts: dict
+    images: Path | None
+    other: str
+    purpose: str
+
+
+def _purpose(text: str) -> str:
+    """The leading comment paragraph, up to the first indented line (a command) or blank comment."""
+    lines = []
+    for line in text.splitlines():
+        body = line[1:] if line.startswith("#") else None
+        if body is None or not body.strip() or body.startswith("   "):
+            break
+        lines.append(body.strip())
+    return " ".join(lines)
+
+
+def _shipped_images(value) -> Path | None:
+    """A preset's ``instance_data_dir`` when it is data this project ships (``sample_data/…``) or an existing
+    absolute folder; None otherwise."""
+    if not value:
+        return None
+    path = Path(str(value))
+    if not path.is_absolute() and path.parts[:1] == ("sample_data",):
+        path = SAMPLE_DATA_DIR.joinpath(*path.parts[1:])
+    return path if path.is_absolute() and path.is_dir() else None
+
+
+def read_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:
+    """Preset ``name`` split for the Train tab; ConfigError when there is none by that name."""
     by_name = {p.stem: p for p in folder.glob("*.yaml")}
     if name not in by_name:
         raise ConfigError(f"preset {name!r} not found; choose one of {', '.join(sorted(by_name))}")
     text = by_name[name].read_text()
-    data = yaml.safe_load(text) or {}
-    purpose = " ".join(line.lstrip("# ").strip() for line in text.splitlines()[:2] if line.startswith("#"))
-    form = {k: data[k] for k in FORM_FIELDS if k in data}
-    if "rank" in form and data.get("alpha") is None:
-        form["alpha"] = form["rank"]
-    extra = {k: v for k, v in data.items() if k not in FORM_FIELDS and k not in _NOT_FROM_PRESET}
-    return form, extra, purpose
+    data = read_yaml(text, str(by_name[name])) or {}
+    values = {k: data[k] for k in FORM_FIELDS if k in data}
+    if "rank" in values and data.get("alpha") is None:
+        values["alpha"] = values["rank"]
+    prompts = {k: data[k] for k in form.PROMPT_FIELDS if data.get(k)}
+    taken = {*FORM_FIELDS, *form.PROMPT_FIELDS, *_NOT_FROM_PRESET}
+    other = {k: v for k, v in data.items() if k not in taken}
+    other_text = yaml.safe_dump(other, sort_keys=False, default_flow_style=None).strip() if other else ""
+    return Preset(values, prompts, _shipped_images(data.get("instance_data_dir")), other_text, _purpose(text))
 
 
-def build_config(form: dict, extra: dict | None = None) -> TrainConfig:
-    """The Train tab's values (+ a preset's other keys) → a validated config; raises ConfigError.
+def parse_other_settings(text: str | None) -> dict:
+    """The Other settings box (YAML ``key: value`` lines, any training-config key) → a dict; ConfigError."""
+    if not (text or "").strip():
+        return {}
+    if len(text) > 20_000:
+        raise ConfigError(f"Other settings: {len(text)} characters; at most 20000")
+    data = read_yaml(text, "Other settings")
+    if not isinstance(data, dict):
+        raise ConfigError("Other settings: write one `key: value` per line (e.g. `lr_scheduler: cosine`)")
+    return data
+
+
+def build_config(values: dict, other: dict | None = None) -> TrainConfig:
+    """The Train tab's values (+ the Other settings) → a validated config; raises ConfigError.
 
     ``instance_data_dir`` and ``output_dir`` are placeholders here: the job manager's run folder replaces them.
     ``save_intermediate_every`` is set so that every run can be analysed in the Analysis tab (5 points).
     """
-    data = {**(extra or {}), **{k: v for k, v in form.items() if v is not None and v != ""}}
-    for key in ("max_train_steps", "rank", "resolution", "num_class_images", "train_batch_size", "seed",
-                "validation_steps", "validation_inference_steps", "checkpointing_steps"):  # fmt: skip
+    data = {**(other or {}), **{k: v for k, v in values.items() if v is not None and v != ""}}
+    for key in form.INTEGER_FIELDS:
         if isinstance(data.get(key), float) and data[key].is_integer():
             data[key] = int(data[key])  # number widgets send floats
     if not data.get("validation_prompt"):
@@ -194,7 +263,8 @@ def build_config(form: dict, extra: dict | None = None) -> TrainConfig:
         data["save_intermediate_every"] = max(1, steps // 4)
     unknown = set(data) - set(FIELDS)
     if unknown:
-        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}; see python -m dreambooth_dora.train "
+                          "--help-config")  # fmt: skip
     data.setdefault("instance_data_dir", "instance_images")
     return validate(data)
 
@@ -255,15 +325,37 @@ class AdapterEntry:
     steps: int | str
     date: str
     size: int
+    readers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # file name -> readers that apply it exactly
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.kind}, {self.base})"
 
+    @property
+    def native_path(self) -> Path | None:
+        return self.path if self.path != self.kohya_path else None
+
+    def readers_line(self) -> str:
+        """``adapter_kohya.safetensors: this project, ComfyUI, A1111, Forge`` per file, for the table."""
+        return "; ".join(f"{name}: {readers_text(r) if r else 'not recorded'}" for name, r in self.readers.items())
+
+
+def _metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.metadata() or {}
+
 
 def _header(path: Path) -> dict:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return json.loads((f.metadata() or {}).get(OUR_KEY, "{}") or "{}")
+    return json.loads(_metadata(path).get(OUR_KEY, "{}") or "{}")
+
+
+def exact_in(path: Path) -> tuple[str, ...]:
+    """The readers a file's header says apply it exactly (files by this project record it; others: empty)."""
+    try:
+        value = json.loads(_metadata(path).get(HEADER_KEY, "[]") or "[]")
+    except (ValueError, OSError):
+        return ()
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
 
 def _date(path: Path) -> str:
@@ -284,10 +376,11 @@ def list_adapters(data_dir: Path) -> list[AdapterEntry]:
         except Exception:  # a file being replaced right now, or damaged on disk: listed next time
             continue
         prompt = str(meta.get("instance_prompt") or "")
+        readers = {p.name: exact_in(p) for p in (native, kohya) if p.is_file()}
         out.append(AdapterEntry(
             f"run:{run.name}", f"{prompt} · {run.name}" if prompt else run.name, "trained", path,
             kohya if kohya.is_file() else None, str(meta.get("base_model", "?")), str(meta.get("kind", "?")),
-            meta.get("rank", "?"), meta.get("steps", "?"), _date(path), path.stat().st_size,
+            meta.get("rank", "?"), meta.get("steps", "?"), _date(path), path.stat().st_size, readers,
         ))  # fmt: skip
     uploads = data_dir / "adapters"
     for path in sorted(uploads.glob("*.safetensors") if uploads.is_dir() else []):
@@ -296,6 +389,7 @@ def list_adapters(data_dir: Path) -> list[AdapterEntry]:
         out.append(AdapterEntry(
             f"upload:{path.name}", path.stem, "uploaded", path, None, info.get("base", "?"), info.get("kind", "?"),
             info.get("rank", "?"), info.get("steps", "?"), _date(path), path.stat().st_size,
+            {path.name: exact_in(path)},
         ))  # fmt: skip
     return out
 
@@ -305,8 +399,10 @@ def find_adapter(data_dir: Path, key: str | None) -> AdapterEntry | None:
 
 
 def adapter_table(entries: list[AdapterEntry]) -> pd.DataFrame:
-    rows = [(e.name, e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size)) for e in entries]
-    columns = ["name", "source", "base", "kind", "rank", "steps", "date", "size"]
+    rows = [
+        (e.name, e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size), e.readers_line()) for e in entries
+    ]
+    columns = ["name", "source", "base", "kind", "rank", "steps", "date", "size", "files: exact in"]
     return pd.DataFrame([[str(v) for v in r] for r in rows], columns=columns)
 
 

@@ -56,7 +56,7 @@ def test_check_uploads_lists_each_refused_file_with_its_reason(tmp_path, monkeyp
     reasons = dict(check.rejected)
     assert "not an image" in reasons["notes.png"]
     assert "corrupt or truncated JPEG" in reasons["broken.jpg"]
-    assert "not an image file name" in reasons["readme.txt"]
+    assert "a caption file without an image of the same name" in reasons["readme.txt"]
     assert "too large" in reasons["big.png"]
     text = check.describe()
     assert "2 image(s) ready" in text and "`notes.png`" in text and "4 file(s) refused" in text
@@ -94,9 +94,23 @@ def test_build_config_from_the_form_and_presets():
         ub.build_config({"instance_prompt": "x", "with_prior_preservation": True})
     assert "tiny_smoke" in ub.list_presets()
     for name in ub.list_presets():  # every preset's settings make a valid config with the form's prompts
-        form, extra, purpose = ub.read_preset(name)
-        assert purpose and set(form) <= set(ub.FORM_FIELDS)
-        ub.build_config({**form, "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}, extra)
+        preset = ub.read_preset(name)
+        assert preset.purpose.endswith(".") and set(preset.form) <= set(ub.FORM_FIELDS)  # whole sentences
+        prompts = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"} | preset.prompts
+        cfg = ub.build_config({**preset.form, **prompts}, ub.parse_other_settings(preset.other))
+        assert ub.parse_other_settings(preset.other) == {
+            k: v for k, v in cfg.model_dump().items() if k in ub.parse_other_settings(preset.other)
+        }
+    toy = ub.read_preset("toy_subject")  # a preset names prompts, images with captions, and other settings
+    assert toy.prompts == {"instance_prompt": "a sks heart", "class_prompt": "a heart",
+                           "validation_prompt": "a sks heart on a yellow background"}  # fmt: skip
+    assert toy.images is not None and len(ub.check_uploads(sorted(toy.images.iterdir())).captions) == 5
+    assert "snr_gamma: 5.0" in toy.other and "instance_data_dir" not in toy.other
+    assert toy.purpose.endswith("About 1.5 minutes on a 2-core CPU.")
+    with pytest.raises(ConfigError, match="Other settings: not valid YAML"):
+        ub.parse_other_settings("lr_scheduler: [1")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ub.build_config({"instance_prompt": "x"}, ub.parse_other_settings("learning_rat: 1"))
     with pytest.raises(ConfigError, match="not found"):
         ub.read_preset("../secrets")
 
@@ -169,3 +183,15 @@ def test_analysable_runs_need_intermediate_adapters(data_dir):
     (run / "train_config.yaml").write_text("kind: dora\ninstance_prompt: a photo of sks heart\n")
     assert ub.analysable_runs(data_dir, set()) == [(f"{run.name}: dora, a photo of sks heart", run.name)]
     assert ub.analysable_runs(data_dir, {run.name}) == []
+
+
+def test_a_caption_uploaded_beside_its_image_travels_with_it(tmp_path):
+    (tmp_path / "heart_0.txt").write_text("a sks heart on a blue background")
+    (tmp_path / "stray.txt").write_text("no image of this name")
+    check = ub.check_uploads([SMOKE[0], tmp_path / "heart_0.txt", tmp_path / "stray.txt"])
+    assert [name for _, name in check.captions] == ["heart_0.txt"]
+    assert "1 image(s) ready, 1 with a caption" in check.describe()
+    assert "stray.txt" in dict(check.rejected)
+    out = ub.copy_uploads(check, tmp_path / "job")
+    assert sorted(p.name for p in out) == ["heart_0.png", "heart_0.txt"]
+    assert (tmp_path / "job" / "heart_0.txt").read_text() == "a sks heart on a blue background"

@@ -84,11 +84,19 @@ class AppServer:
 
     def status(self, job_id: str = "", auth: tuple[str, str] | None = None) -> dict:
         """The app's status API, through gradio_client like any script would."""
+        self._connect(auth)
+        return self.api("/status", job_id)
+
+    def _connect(self, auth=None) -> None:
         if self._client is None:
             from gradio_client import Client
 
             self._client = Client(self.url, auth=auth, verbose=False, download_files=False)
-        return self._client.predict(job_id, api_name="/status")
+
+    def api(self, name: str, *args):
+        """Call an endpoint of the app's API through gradio_client, as a script would."""
+        self._connect()
+        return self._client.predict(*args, api_name=name)
 
     def stop(self) -> int:
         """SIGTERM, as a service manager would send; the app stops its trainings, then exits."""
@@ -110,8 +118,26 @@ def server(tmp_path_factory):
     assert "Traceback" not in srv.log.read_text(), srv.log.read_text()
 
 
+@pytest.fixture(autouse=True)
+def no_training_outlives_its_test(request):
+    """A test that fails midway must not leave its training running (later tests would wait in the queue)."""
+    yield
+    if "server" not in request.fixturenames:
+        return
+    srv = request.getfixturevalue("server")
+    for _ in range(20):
+        status = srv.status()
+        if status.get("status") not in ("queued", "running", "stopping"):
+            return
+        if status["status"] != "stopping":
+            srv.api("/stop", status["id"])
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"the browser tests need Chromium at {CHROMIUM}: apt-get install chromium (Debian/Ubuntu)")
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -144,9 +170,10 @@ def open_app(page, url: str) -> None:
 
 
 def snap(page, name: str) -> None:
-    """Full-page screenshot once every image has loaded."""
+    """Full-page screenshot once every visible image has loaded (a hidden tab's lazy images never load)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    loaded = "i => i.offsetParent === null || (i.complete && i.naturalWidth > 0)"
+    page.wait_for_function(f"() => [...document.images].every({loaded})")
     settled = "a => a.playState !== 'running' || a.effect.getTiming().iterations === Infinity"
     page.wait_for_function(f"() => document.getAnimations().every({settled})")  # fades done; spinners never end
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
@@ -183,7 +210,8 @@ def progress_step(page) -> int:
 
 def wait_past_step(page, step: int) -> None:
     page.wait_for_function(
-        f"() => +(document.querySelector('#progress').innerText.match(/step (\\d+)\\//) || [0, -1])[1] > {step}"
+        f"() => +(document.querySelector('#progress').innerText.match(/step (\\d+)\\//) || [0, -1])[1] > {step}",
+        timeout=90_000,  # a resumed worker loads the model first: slow on a busy machine
     )
 
 
@@ -214,9 +242,10 @@ def test_journey_upload_train_generate_download_analyse(server, new_page, tmp_pa
     choose(page, "preset", re.compile("tiny_smoke"))  # a preset fills the settings…
     expect(page.locator("#steps input")).to_have_value("20")
     expect(page.locator("#preset-info")).to_contain_text("Smoke test")  # …and says what it is for
-    preset_only = "Also from the preset: use_in: ['diffusers'], num_validation_images: 1"
-    expect(page.locator("#preset-info")).to_contain_text(preset_only)
+    expect(page.locator("#use-in").get_by_label("diffusers", exact=True)).to_be_checked()  # its destination
+    expect(page.locator("#use-in").get_by_label("ComfyUI", exact=True)).not_to_be_checked()
     tiny_settings(page, steps=16, every=4)
+    expect(page.locator("#other-settings textarea")).to_have_value(re.compile(r"num_validation_images: 1"))
     # Record every progress text and loss-curve shape the page shows, to see them change while training runs.
     page.evaluate("""() => {
         window.seenText = []; window.seenCurve = [];
@@ -259,21 +288,23 @@ def test_journey_upload_train_generate_download_analyse(server, new_page, tmp_pa
         expect(gallery).to_contain_text(f"seed 6 · {mode}")
     snap(page, "generate")
 
-    # Adapters: listed; both files download, and the native one validates against the base it was trained on
+    # Adapters: listed with the readers each file is exact in; the preset's destination (diffusers) gets the native
+    # file only, which downloads and validates against the base it was trained on
     page.get_by_role("tab", name="Adapters").click()
     expect(page.locator("#adapter-table")).to_contain_text(job)
+    expect(page.locator("#adapter-table")).to_contain_text("adapter.safetensors: this project, diffusers, peft")
     choose(page, "adapter-pick", re.compile(job))
     expect(page.locator("#download-native")).to_be_enabled()
-    expect(page.locator("#download-kohya")).to_be_enabled()
+    expect(page.locator("#download-native")).to_contain_text("adapter.safetensors (this project, diffusers, peft)")
+    expect(page.locator("#download-kohya")).to_be_disabled()
     tiny = load_pipeline("builtin:tiny-sd15")
-    for button, fmt in (("download-native", "native"), ("download-kohya", "kohya")):
-        with page.expect_download() as download:
-            page.locator(f"#{button}").click()
-        path = tmp_path / f"{fmt}.safetensors"
-        download.value.save_as(path)
-        parsed = read_adapter_file(path, tiny)
-        assert (parsed.format, parsed.kind, parsed.metadata["base_model"]) == (fmt, "dora", "builtin:tiny-sd15")
-        assert parsed.metadata["instance_prompt"] == "a photo of sks heart"
+    with page.expect_download() as download:
+        page.locator("#download-native").click()
+    path = tmp_path / "native.safetensors"
+    download.value.save_as(path)
+    parsed = read_adapter_file(path, tiny)
+    assert (parsed.format, parsed.kind, parsed.metadata["base_model"]) == ("native", "dora", "builtin:tiny-sd15")
+    assert parsed.metadata["instance_prompt"] == "a photo of sks heart"
     snap(page, "adapters")
 
     # Analysis: the run saved intermediate adapters every 4 steps
@@ -473,3 +504,59 @@ def test_auth_refuses_strangers_and_sigterm_stops_the_training(tmp_path, new_pag
         assert any((srv.data / "runs" / job / "checkpoints").iterdir())
     finally:
         srv.stop()
+
+
+def test_the_api_names_its_job_and_refuses_what_it_cannot_do(server):
+    """Scripts drive /start with named parameters, act on a job by its id, and get one-line refusals."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False, download_files=False)
+    settings = dict(
+        images=[handle_file(str(p)) for p in SMOKE[:2]], preset="(app defaults)", base_model="builtin:tiny-sd15",
+        instance_prompt="a photo of sks heart", class_prompt="", validation_prompt="", other_settings="",
+        max_train_steps=LONG, rank=4, alpha=4, learning_rate=1e-3, kind="dora", resolution=64,
+        train_text_encoder=False, use_in=["diffusers"], quantize_base="none", with_prior_preservation=False,
+        num_class_images=10, validation_steps=LONG, validation_inference_steps=2, checkpointing_steps=LONG,
+        seed=2**70, train_batch_size=1,
+    )  # fmt: skip
+    message = client.predict(**settings, api_name="/start")[0]
+    assert "Cannot start" in message and "seed: Input should be less than 4294967296" in message, message
+    message = client.predict(**settings | {"other_settings": "lr_scheduler: [1"}, api_name="/start")[0]
+    assert "Other settings: not valid YAML" in message, message
+
+    first = re.search(r"Started `(\S+)`", client.predict(**settings | {"seed": 1}, api_name="/start")[0]).group(1)
+    second = re.search(r"Started `(\S+)`", client.predict(**settings | {"seed": 2}, api_name="/start")[0]).group(1)
+    assert server.status(second)["status"] == "queued"  # one training at a time
+    assert client.predict("no-such-job", api_name="/stop") == "Nothing to stop: no such job."
+    assert "no such job" in client.predict("../../etc", api_name="/resume")
+    assert client.predict(second, api_name="/stop").startswith(f"Stopping `{second}`")  # the queued one, by id
+    assert client.predict(first, api_name="/stop").startswith(f"Stopping `{first}`")
+    deadline = time.monotonic() + 60
+    while {server.status(j)["status"] for j in (first, second)} != {"stopped"}:
+        assert time.monotonic() < deadline, [server.status(j) for j in (first, second)]
+        time.sleep(0.2)
+    # Resume addresses the job named, not the latest one
+    assert client.predict(first, api_name="/resume") == f"Resuming `{first}` from its last checkpoint."
+    assert server.status(first)["status"] in ("queued", "running")
+    assert server.status(second)["status"] == "stopped"
+    assert client.predict(first, api_name="/stop").startswith(f"Stopping `{first}`")
+    while server.status(first)["status"] != "stopped":
+        assert time.monotonic() < deadline + 60, server.status(first)
+        time.sleep(0.2)
+
+
+def test_a_preset_fills_every_field_it_names(server, new_page):
+    page = new_page()
+    open_app(page, server.url)
+    choose(page, "preset", re.compile("toy_subject"))
+    expect(page.locator("#instance-prompt textarea")).to_have_value("a sks heart")
+    expect(page.locator("#class-prompt textarea")).to_have_value("a heart")
+    expect(page.locator("#steps input")).to_have_value("600")
+    info = page.locator("#preset-info")
+    expect(info).to_contain_text('64 class images of "a heart" drawn by the base model (made once, then reused)')
+    expect(info).to_contain_text("the preset's 5 images")
+    page.get_by_text("More settings").click()
+    expect(page.locator("#n-class input")).to_have_value("64")
+    expect(page.locator("#val-prompt textarea")).to_have_value("a sks heart on a yellow background")
+    expect(page.locator("#other-settings textarea")).to_have_value(re.compile(r"snr_gamma: 5\.0"))
+    snap(page, "train_toy_preset")
