@@ -371,8 +371,7 @@ def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
     ``dora_scale`` — and ComfyUI layouts)."""
     path = Path(path)
     tensors, meta = _open_checked(path)
-    ours = json.loads(meta.get(OUR_KEY, "{}") or "{}")
-    peft_cfg = json.loads(meta.get(DIFFUSERS_KEY, "{}") or "{}")
+    ours, peft_cfg = _header_json(meta, OUR_KEY, path), _header_json(meta, DIFFUSERS_KEY, path)
     comps = components(pipe)
     fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors) else "native"
     fmt = "peft" if any(_PEFT_PREFIX in k for k in tensors) else fmt  # peft's own save: a layout of its own
@@ -396,7 +395,10 @@ def read_adapter_file(path: str | os.PathLike, pipe) -> AdapterFile:
             lt.m_source = suffix if part == "m" else lt.m_source
     _check_architecture(path.name, tensors, comps, ours)
     problems = _place_peft_layers(layers, comps)
-    notes = _fill_alpha(layers, peft_cfg, _sibling_peft_config(path, tensors))
+    try:
+        notes = _fill_alpha(layers, peft_cfg, _sibling_peft_config(path, tensors))
+    except AdapterFileError as e:
+        raise AdapterFileError(f"{path.name}: {e}") from None
     problems += _validate(layers, comps, unexpected, ours)
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  … and {len(problems) - 12} more" if len(problems) > 12 else "")
@@ -465,6 +467,34 @@ def _check_architecture(fname: str, tensors: dict, comps: dict, ours: dict) -> N
         )
 
 
+def _header_json(meta: dict, key: str, path: Path) -> dict:
+    """A JSON object stored under ``key`` in a safetensors header ({} when absent); AdapterFileError otherwise."""
+    text = meta.get(key) or "{}"
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise AdapterFileError(
+            f"{path.name}: header entry {key!r} is not valid JSON ({e.msg} at character {e.pos}); the file was "
+            "damaged or written by a broken tool. Re-save it from the program that trained it"
+        ) from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(
+            f"{path.name}: header entry {key!r} is a JSON {type(value).__name__}, not an object of settings; "
+            "re-save the file from the program that trained it"
+        )
+    return value
+
+
+def _number(value, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number):
+        raise AdapterFileError(f"{where} is {value!r}, not a finite number; fix or remove it from the file's header")
+    return number
+
+
 def _fill_alpha(layers: dict[tuple[str, str], LayerTensors], peft_cfg: dict, peft_file_cfg: dict) -> list[str]:
     """alpha from the file (kohya), diffusers' header (per component, with peft's alpha_pattern) or peft's
     adapter_config.json; else alpha = rank, as every reader assumes then. Returns a note when it was assumed."""
@@ -477,7 +507,7 @@ def _fill_alpha(layers: dict[tuple[str, str], LayerTensors], peft_cfg: dict, pef
         alpha = match if match is not None else peft_cfg.get(f"{comp}.lora_alpha", peft_file_cfg.get("lora_alpha"))
         if alpha is None and lt.A is not None:
             alpha, assumed = float(lt.A.shape[0]), assumed + 1
-        lt.alpha = float(alpha) if alpha is not None else None
+        lt.alpha = _number(alpha, f"alpha of {comp}.{mod} (header {DIFFUSERS_KEY})") if alpha is not None else None
     if not assumed:
         return []
     return [f"{assumed} layer(s) store no alpha: alpha = rank (scaling 1) assumed, as every reader does"]

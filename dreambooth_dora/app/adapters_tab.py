@@ -30,7 +30,8 @@ def _download(path: Path | None, readers: tuple[str, ...], what: str):
 
 def build(ctx: Shared) -> None:
     with gr.Tab("Adapters", id="adapters") as tab:
-        table = gr.Dataframe(ub.adapter_table([]), interactive=False, wrap=True, elem_id="adapter-table")
+        table = gr.Dataframe(ub.adapter_table([]), interactive=False, wrap=True, elem_id="adapter-table",
+                             column_widths=list(ub.TABLE_WIDTHS))  # fmt: skip
         with gr.Row():
             pick = gr.Dropdown([], label="Adapter", elem_id="adapter-pick", scale=2)
             dl_native = gr.DownloadButton("Download adapter", interactive=False, elem_id="download-native")

@@ -230,7 +230,7 @@ def read_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:
     prompts = {k: data[k] for k in form.PROMPT_FIELDS if data.get(k)}
     taken = {*FORM_FIELDS, *form.PROMPT_FIELDS, *_NOT_FROM_PRESET}
     other = {k: v for k, v in data.items() if k not in taken}
-    other_text = yaml.safe_dump(other, sort_keys=False, default_flow_style=None).strip() if other else ""
+    other_text = yaml.safe_dump(other, sort_keys=False, default_flow_style=False).strip() if other else ""
     return Preset(values, prompts, _shipped_images(data.get("instance_data_dir")), other_text, _purpose(text))
 
 
@@ -398,11 +398,15 @@ def find_adapter(data_dir: Path, key: str | None) -> AdapterEntry | None:
     return next((e for e in list_adapters(data_dir) if e.key == key), None)
 
 
+TABLE_COLUMNS = ("name", "files: exact in", "source", "base", "kind", "rank", "steps", "date", "size")
+TABLE_WIDTHS = ("24%", "26%", "7%", "11%", "6%", "5%", "5%", "9%", "7%")
+
+
 def adapter_table(entries: list[AdapterEntry]) -> pd.DataFrame:
     rows = [
-        (e.name, e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size), e.readers_line()) for e in entries
+        (e.name, e.readers_line(), e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size)) for e in entries
     ]
-    columns = ["name", "source", "base", "kind", "rank", "steps", "date", "size", "files: exact in"]
+    columns = list(TABLE_COLUMNS)
     return pd.DataFrame([[str(v) for v in r] for r in rows], columns=columns)
 
 

@@ -85,7 +85,29 @@ def _case(name, tmp_path, good):
         return _write(tmp_path, {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)})
     elif name == "no_tensors":
         return _write(tmp_path, {})
+    elif name.startswith("header_"):
+        return _with_header(tmp_path, path, tensors, name)
     return p
+
+
+def _with_header(tmp_path, path, tensors, name):
+    """The good file's tensors under a damaged header entry."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    lora = json.loads(meta["lora_adapter_metadata"])
+    meta |= {
+        "header_ours_not_json": {"dreambooth_dora": "{not json"},
+        "header_ours_list": {"dreambooth_dora": "[1, 2]"},
+        "header_lora_not_json": {"lora_adapter_metadata": "{oops"},
+        "header_lora_alpha_text": {"lora_adapter_metadata": json.dumps(lora | {"unet.lora_alpha": "abc"})},
+    }[name]
+    out = tmp_path / "bad.safetensors"
+    save_file(tensors, str(out), metadata=meta)
+    return out
 
 
 CASES = {
@@ -108,6 +130,10 @@ CASES = {
     "bad_magnitude_shape": r"magnitude shape \(7,\) fits neither axis",
     "no_tensors": "holds no tensors",
     "whole_model": "whole model checkpoint, not a LoRA/DoRA adapter file; use it as the base model",
+    "header_ours_not_json": r"bad\.safetensors: header entry 'dreambooth_dora' is not valid JSON",
+    "header_ours_list": r"header entry 'dreambooth_dora' is a JSON list, not an object of settings",
+    "header_lora_not_json": r"header entry 'lora_adapter_metadata' is not valid JSON",
+    "header_lora_alpha_text": r"bad\.safetensors: alpha of unet\..* is 'abc', not a finite number",
 }
 
 
