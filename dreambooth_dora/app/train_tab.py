@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from dreambooth_dora.adapters.inject import AdapterError, check_rank
 from dreambooth_dora.app import backend as ub
 from dreambooth_dora.app import form
 from dreambooth_dora.app.shared import LIVE, PRIVATE, Shared, error_text
 from dreambooth_dora.training.config import ConfigError
-from dreambooth_dora.training.data import DataError
+from dreambooth_dora.training.data import DataError, base_fit_warning
 
 NO_PRESET = "(app defaults)"
 TICK_S = 0.5  # progress polling period
@@ -172,7 +173,9 @@ def start_job(ctx: Shared, args: dict) -> tuple[str, str]:
     ctx.manager.submit(job_id, config.model_copy(update={"instance_data_dir": images}))
     refused = f"; {len(check.rejected)} file(s) refused (listed under the images)" if check.rejected else ""
     source = " (the preset's)" if preset_images is not None else ""
-    return job_id, f"Started `{job_id}` with {len(check.accepted)} image(s){source}{refused}."
+    misfit = base_fit_warning(config.base_model, [Image.open(src).size for src, _ in check.accepted])
+    warning = f"\n\n**Warning:** {misfit}" if misfit else ""
+    return job_id, f"Started `{job_id}` with {len(check.accepted)} image(s){source}{refused}.{warning}"
 
 
 def _start_handler(ctx: Shared):

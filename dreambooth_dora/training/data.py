@@ -172,6 +172,25 @@ def scan_images(folder: str | Path, *, min_images: int = 1, max_pixels: int = MA
     return report
 
 
+TOY_BASE = "builtin:toy"
+TOY_MAX_SIDE = 256  # builtin:toy draws 64 px scenes; anything far larger is a photo, not a toy-world picture
+
+
+def base_fit_warning(base_model: str, sizes: list[tuple[int, int]]) -> str | None:
+    """A warning when the images clearly do not fit the base: photos on the offline toy model, which only knows
+    flat coloured shapes at 64 px (training runs, but learns nothing useful)."""
+    big = [s for s in sizes if max(s) > TOY_MAX_SIDE]
+    if base_model != TOY_BASE or not big:
+        return None
+    w, h = big[0]
+    return (
+        f"{len(big)} of {len(sizes)} image(s) are photos (e.g. {w}×{h}), but {TOY_BASE} is a 17 MB model of coloured "
+        "shapes at 64 px that this project trains offline for its demo and tests: it cannot learn a photographed "
+        "subject. Load a Stable Diffusion model instead: base_model: a hub id such as "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5, a diffusers folder, or a .safetensors checkpoint"
+    )
+
+
 def _crop_plan(size: tuple[int, int], width: int, height: int, center: bool, rng: Rng | None):
     """Source box covering a (width, height) output with no bars, and its top-left (top, left)
     in the coordinates of the image scaled to cover the output (what SDXL's crop conditioning uses)."""

@@ -22,7 +22,7 @@ from dreambooth_dora.runs import RunFolder, write_text
 from dreambooth_dora.sd.pipelines import DTYPES, BaseArchitecture, describe_architecture, load_pipeline
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.config import ConfigError, TrainConfig
-from dreambooth_dora.training.data import DreamBoothDataset
+from dreambooth_dora.training.data import DreamBoothDataset, base_fit_warning
 from dreambooth_dora.training.objective import training_scheduler
 
 log = logging.getLogger("dreambooth_dora.train")
@@ -253,6 +253,9 @@ def open_session(inputs: Inputs) -> Session:
         log.info("dataset: %d images used, %d skipped", len(dataset.report.images), len(dataset.report.skipped))
         if dataset.report.skipped:
             log.warning("skipped files:\n%s", dataset.report.describe_skipped())
+        misfit = base_fit_warning(cfg.base_model, dataset.report.sizes)
+        if misfit:
+            log.warning("warning: %s", misfit)
     pipe.to(accelerator.device)
     if cfg.with_prior_preservation:
         dataset = _class_images(cfg, pipe, accelerator)

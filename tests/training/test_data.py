@@ -379,3 +379,13 @@ def test_an_image_with_a_metadata_bomb_is_skipped_and_listed_not_fatal(tmp_path)
     assert [p.name for p in report.images] == ["good.png"]
     ((path, reason),) = report.skipped
     assert path.name == "bomb.png" and reason.startswith("unsafe or corrupt image metadata")
+
+
+def test_photos_on_the_toy_base_are_warned_about():
+    from dreambooth_dora.training.data import base_fit_warning
+
+    warning = base_fit_warning("builtin:toy", [(64, 64), (4032, 3024)])
+    assert warning.startswith("1 of 2 image(s) are photos (e.g. 4032×3024), but builtin:toy")
+    assert "Load a Stable Diffusion model instead" in warning
+    assert base_fit_warning("builtin:toy", [(64, 64)] * 5) is None  # the toy subject's own images
+    assert base_fit_warning("builtin:tiny-sd15", [(4032, 3024)]) is None  # other bases take any size
