@@ -43,14 +43,14 @@ def build(ctx: Shared) -> None:
         message = gr.Markdown(elem_id="adapter-message")
 
     def refresh(text=None):
-        entries = ub.list_adapters(ctx.data_dir)
+        entries = ctx.adapters()
         choices = [(e.label, e.key) for e in entries]
         return ub.adapter_table(entries), gr.update(choices=choices, value=None), gr.skip() if text is None else text
 
     tab.select(refresh, None, [table, pick, message], **PRIVATE)
 
     def on_pick(key):
-        entry = ub.find_adapter(ctx.data_dir, key)
+        entry = ctx.adapter(key)
         if entry is None:
             return _download(None, (), "adapter"), _download(None, (), "kohya file")
         native, kohya = entry.native_path, entry.kohya_path
@@ -76,7 +76,7 @@ def build(ctx: Shared) -> None:
     upload.upload(on_upload, upload, [table, pick, message, upload], **PRIVATE)
 
     def on_delete(key):
-        entry = ub.find_adapter(ctx.data_dir, key) if key else None
+        entry = ctx.adapter(key)
         if entry is None:
             return refresh("Choose an adapter first." if key is None else None)
         try:

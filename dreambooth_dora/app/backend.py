@@ -14,6 +14,7 @@ See docs/ARCHITECTURE.md (The browser app, Reliability).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -32,6 +33,7 @@ from dreambooth_dora.adapters.io import OUR_KEY, AdapterFileError, read_adapter_
 from dreambooth_dora.adapters.readers import HEADER_KEY, readers_text
 from dreambooth_dora.app import form
 from dreambooth_dora.app.jobs import JobView
+from dreambooth_dora.runs import RunFolder
 from dreambooth_dora.shipped import PRESETS_DIR, SAMPLE_DATA_DIR
 from dreambooth_dora.training.config import FIELDS, ConfigError, TrainConfig, read_yaml, validate
 from dreambooth_dora.training.data import IMAGE_EXTENSIONS, DataError, load_image
@@ -108,7 +110,7 @@ class UploadCheck:
 
 def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
     """Validate uploaded files (the server's copies) as training images: count, size, type, full decode."""
-    check, total, names, texts = UploadCheck(), 0, set(), []
+    check, total, names, texts, seen = UploadCheck(), 0, set(), [], {}
     for i, src in enumerate(Path(p) for p in (paths or [])):
         shown = safe_filename(src.name, default=f"upload_{i}")
         size = src.stat().st_size if src.is_file() else 0
@@ -129,6 +131,10 @@ def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
             except DataError as e:
                 check.rejected.append((shown, getattr(e, "reason", str(e))))
                 continue
+            digest = hashlib.sha256(src.read_bytes()).hexdigest()
+            if digest in seen:
+                check.rejected.append((shown, f"the same image as {seen[digest]} (a duplicate adds nothing)"))
+                continue
             total += size
             name = shown
             for k in range(2, MAX_UPLOAD_FILES + 2):  # two uploads named alike stay two images
@@ -136,6 +142,7 @@ def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
                     break
                 name = f"{Path(shown).stem}_{k}{Path(shown).suffix}"
             names.add(name.lower())
+            seen[digest] = name
             check.accepted.append((src, name))
     _match_captions(check, texts)
     return check
@@ -362,26 +369,32 @@ def _date(path: Path) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
 
 
-def list_adapters(data_dir: Path) -> list[AdapterEntry]:
-    """Trained runs' adapters (newest first), then uploaded ones."""
+def _run_entries(folder: Path | None, key: str, source: str) -> list[AdapterEntry]:
+    """The adapters of the run folders directly under ``folder`` (newest name first)."""
     out = []
-    runs = data_dir / "runs"
-    for run in sorted(runs.iterdir() if runs.is_dir() else [], reverse=True):
-        native, kohya = run / "adapter.safetensors", run / "adapter_kohya.safetensors"
-        path = native if native.is_file() else kohya  # axis="in" runs write the kohya file only
+    for run in sorted(folder.iterdir() if folder is not None and folder.is_dir() else [], reverse=True):
+        native, kohya = RunFolder(run).adapter, RunFolder(run).kohya_adapter
+        path = native if native.is_file() else kohya  # input-axis runs write the kohya file only
         if not path.is_file():
             continue
         try:
             meta = _header(path)
+            readers = {p.name: exact_in(p) for p in (native, kohya) if p.is_file()}
         except Exception:  # a file being replaced right now, or damaged on disk: listed next time
             continue
         prompt = str(meta.get("instance_prompt") or "")
-        readers = {p.name: exact_in(p) for p in (native, kohya) if p.is_file()}
         out.append(AdapterEntry(
-            f"run:{run.name}", f"{prompt} · {run.name}" if prompt else run.name, "trained", path,
+            f"{key}:{run.name}", f"{prompt} · {run.name}" if prompt else run.name, source, path,
             kohya if kohya.is_file() else None, str(meta.get("base_model", "?")), str(meta.get("kind", "?")),
             meta.get("rank", "?"), meta.get("steps", "?"), _date(path), path.stat().st_size, readers,
         ))  # fmt: skip
+    return out
+
+
+def list_adapters(data_dir: Path, cli_runs: Path | None = None) -> list[AdapterEntry]:
+    """The app's trained runs (newest first), then runs of the command-line trainer found in ``cli_runs`` (the
+    server's --runs-dir, e.g. outputs/), then uploaded adapters."""
+    out = _run_entries(data_dir / "runs", "run", "trained") + _run_entries(cli_runs, "cli", "command line")
     uploads = data_dir / "adapters"
     for path in sorted(uploads.glob("*.safetensors") if uploads.is_dir() else []):
         side = path.with_suffix(".json")
@@ -394,8 +407,8 @@ def list_adapters(data_dir: Path) -> list[AdapterEntry]:
     return out
 
 
-def find_adapter(data_dir: Path, key: str | None) -> AdapterEntry | None:
-    return next((e for e in list_adapters(data_dir) if e.key == key), None)
+def find_adapter(data_dir: Path, key: str | None, cli_runs: Path | None = None) -> AdapterEntry | None:
+    return next((e for e in list_adapters(data_dir, cli_runs) if e.key == key), None)
 
 
 TABLE_COLUMNS = ("name", "files: exact in", "source", "base", "kind", "rank", "steps", "date", "size")
@@ -449,6 +462,8 @@ def delete_adapter(entry: AdapterEntry, busy: set[str]) -> str:
         entry.path.with_suffix(".json").unlink(missing_ok=True)
         return f"deleted {entry.name}"
     run = entry.path.parent
+    if entry.source != "trained":
+        raise ConfigError(f"{run} was trained from the command line: the app does not delete it; remove the folder")
     if run.name in busy:
         raise ConfigError(f"{run.name} is training or queued; stop it before deleting it")
     shutil.rmtree(run)

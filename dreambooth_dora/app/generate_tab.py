@@ -10,7 +10,6 @@ from functools import partial
 import gradio as gr
 
 from dreambooth_dora.adapters.inject import AdapterError
-from dreambooth_dora.app import backend as ub
 from dreambooth_dora.app.shared import PRIVATE, Shared, error_text
 from dreambooth_dora.sd.pipelines import BUILTIN_NAMES, ModelLoadError
 from dreambooth_dora.tools.generate import SCHEDULER_NAMES, AdapterChoice, GenerationError, Settings, save_images
@@ -41,7 +40,7 @@ def _adapter_rows(adapters_state, selection, in_use) -> None:
 
 def generate_images(ctx: Shared, settings: Settings, how: str, chosen: dict) -> tuple[list, str]:
     """Generate with this browser's adapter choices; (gallery items, message). GenerationError, AdapterError."""
-    entries = {e.key: e for e in ub.list_adapters(ctx.data_dir)}
+    entries = {e.key: e for e in ctx.adapters()}
     picked = [(entries[k], c["strength"]) for k, c in (chosen or {}).items() if k in entries and c["enabled"]]
     with ctx.engine.lock:
         ctx.engine.studio.use([AdapterChoice(e.path, s) for e, s in picked], how)
@@ -95,7 +94,7 @@ def build(ctx: Shared, train_base: gr.Textbox) -> None:
         gallery = gr.Gallery(label="Images", columns=4, height="auto", fit_columns=False, format="png",
                              elem_id="gen-gallery")  # fmt: skip
 
-    tab.select(lambda: [(e.key, e.label) for e in ub.list_adapters(ctx.data_dir)], None, adapters_state, **PRIVATE)
+    tab.select(lambda: [(e.key, e.label) for e in ctx.adapters()], None, adapters_state, **PRIVATE)
 
     def generate(text, neg, use_random, seed_value, n_steps, cfg, w, h, n, sched, how, chosen):
         try:

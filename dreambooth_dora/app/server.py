@@ -38,8 +38,10 @@ INTRO = (
 )
 
 
-def build_ui(manager: JobManager, engine: Engine, data_dir: Path, notice: str) -> gr.Blocks:
-    ctx = Shared(manager, engine, data_dir)
+def build_ui(
+    manager: JobManager, engine: Engine, data_dir: Path, notice: str, cli_runs: Path | None = None
+) -> gr.Blocks:
+    ctx = Shared(manager, engine, data_dir, cli_runs)
     default_preset = BASE_PRESETS.get(engine.studio.base, "")
     with gr.Blocks(title="DreamBooth-DoRA") as demo:
         gr.Markdown(INTRO)
@@ -81,6 +83,12 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, s
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--base", help=f"base model (default {DEFAULT_BASE})")
     p.add_argument("--data-dir", type=Path, default=Path("outputs/app"), help="where runs, adapters and images go")
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("outputs"),
+        help="also list the adapters of the command-line trainer's run folders here (default outputs/)",
+    )
     threads.add_argument(p)  # applied by app.py before torch loads
     args = p.parse_args(argv)
     if args.auth is None:
@@ -97,16 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     engine, notice = _load_engine(args.base)
     manager = JobManager(data_dir)
-    demo = build_ui(manager, engine, data_dir, notice)
     # Files handed to the browser (samples, images, adapters) must come from an allowed folder; the working and
-    # temp folders are allowed by Gradio already, so other data dirs are added (never served without auth if set).
-    inside = any(data_dir.is_relative_to(Path(d).resolve()) for d in (Path.cwd(), tempfile.gettempdir()))
+    # temp folders are allowed by Gradio already, so other data / runs dirs are added (never served without auth
+    # if auth is set).
+    cli_runs = args.runs_dir.expanduser().resolve()
+    demo = build_ui(manager, engine, data_dir, notice, cli_runs)
+    known = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve()]
+    allowed = [str(d) for d in (data_dir, cli_runs) if not any(d.is_relative_to(k) for k in known)]
     if args.share and auth is None:
         print("warning: --share without --auth: anyone with the link can use this app and its files", flush=True)
     stop_requested = threading.Event()
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, auth=auth, share=args.share, prevent_thread_lock=True,
-        theme=gr.themes.Soft(), css=CSS, allowed_paths=[] if inside else [str(data_dir)],
+        theme=gr.themes.Soft(), css=CSS, allowed_paths=allowed,
         max_file_size=ub.MAX_ADAPTER_BYTES,
     )  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):  # Gradio does not stop child processes: we do

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from dreambooth_dora.app import backend as ub
 from dreambooth_dora.app.jobs import JobManager, JobView
 from dreambooth_dora.tools.generate import Studio
 
@@ -38,6 +39,7 @@ class Shared:
     manager: JobManager
     engine: Engine
     data_dir: Path
+    cli_runs: Path | None = None  # run folders of the command-line trainer to list too (--runs-dir)
     base_info: gr.Markdown | None = None  # the header line naming the loaded base (set by the page builder)
     page_loads: list = field(default_factory=list)  # (function, outputs) to run when a page opens
     apis: list = field(default_factory=list)  # (function, gr.api keywords): endpoints without widgets
@@ -45,6 +47,12 @@ class Shared:
     def busy(self) -> set[str]:
         """Ids of the jobs that are queued, running or stopping."""
         return {v.id for v in self.manager.jobs() if v.status in LIVE}
+
+    def adapters(self) -> list[ub.AdapterEntry]:
+        return ub.list_adapters(self.data_dir, self.cli_runs)
+
+    def adapter(self, key: str | None) -> ub.AdapterEntry | None:
+        return ub.find_adapter(self.data_dir, key, self.cli_runs) if key else None
 
     def base_line(self) -> str:
         size = self.engine.studio.native_size

@@ -5,6 +5,7 @@ id each), ``/status``."""
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
     preset.change(on_preset, preset, [*form_widgets, *prompt_boxes, other_box, preset_info], **PRIVATE)
     _wire_jobs(ctx, job_state, timer, train_message, start_btn, stop_btn, resume_btn,
                [files, preset, *prompt_boxes, base, other_box, *form_widgets])  # fmt: skip
-    _wire_progress(ctx, job_state, seen_state, followed_state, timer, follow_timer, progress, loss_plot, samples)
+    settings_widgets = [*form_widgets, *prompt_boxes, base]  # in _job_settings' order
+    _wire_progress(ctx, job_state, seen_state, followed_state, timer, follow_timer, progress, loss_plot, samples,
+                   train_message, settings_widgets)  # fmt: skip
     return TrainTab(base)
 
 
@@ -233,29 +236,44 @@ def _wire_jobs(ctx, job_state, timer, message, start_btn, stop_btn, resume_btn, 
     ctx.apis += [(stop, dict(api_name="stop")), (resume, dict(api_name="resume"))]
 
 
-def _wire_progress(ctx, job_state, seen_state, followed_state, timer, follow_timer, progress, loss_plot, samples):
+def _job_settings(view) -> list:
+    """The form values, prompts and base of a job's config (what a reloaded page shows while it runs)."""
+    try:
+        config = json.loads((view.run_dir / "job.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return [gr.skip()] * (len(form.NAMES) + len(form.PROMPT_FIELDS) + 1)
+    names = [*form.NAMES, *form.PROMPT_FIELDS, "base_model"]
+    return [config[n] if n in config else gr.skip() for n in names]
+
+
+def _wire_progress(ctx, job_state, seen_state, followed_state, timer, follow_timer, progress, loss_plot, samples,
+                   message, settings_widgets):  # fmt: skip
     def on_load():
         active = ctx.manager.active()
         view = active or next(iter(ctx.manager.jobs()), None)
+        shown = _job_settings(active) if active is not None else [gr.skip()] * len(settings_widgets)
         if view is None:
-            return "", gr.Timer(active=False), "", ub.progress_text(None)
-        return view.id, gr.Timer(active=True), active.id if active else "", ub.progress_text(view)
+            return "", gr.Timer(active=False), "", ub.progress_text(None), *shown
+        return view.id, gr.Timer(active=True), active.id if active else "", ub.progress_text(view), *shown
 
-    ctx.page_loads.append((on_load, [job_state, timer, followed_state, progress]))
+    ctx.page_loads.append((on_load, [job_state, timer, followed_state, progress, *settings_widgets]))
 
-    def tick(job_id, seen):
+    def tick(job_id, seen, shown_message):
         view = ctx.watched(job_id)
         if view is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
         now = (view.id, view.status, view.step, view.queue_position, view.message, tuple(view.samples))
         timer_update = gr.skip() if view.status in LIVE else gr.Timer(active=False)
         if now == seen:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), timer_update
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), timer_update
         shots = [(p, Path(p).stem) for p in view.samples if Path(p).is_file()]
-        return ub.progress_text(view), ub.loss_frame(view), shots, now, view.id, timer_update
+        ended = seen is not None and seen[0] == view.id and seen[1] in LIVE and view.status not in LIVE
+        stale = ended and (shown_message or "").startswith(("Resuming", "Stopping"))  # the job has ended since
+        note = "" if stale else gr.skip()
+        return ub.progress_text(view), ub.loss_frame(view), shots, now, view.id, note, timer_update
 
-    timer.tick(tick, [job_state, seen_state], [progress, loss_plot, samples, seen_state, job_state, timer],
-               concurrency_limit=None, show_progress="hidden", **PRIVATE)  # fmt: skip
+    shown = [progress, loss_plot, samples, seen_state, job_state, message, timer]
+    timer.tick(tick, [job_state, seen_state, message], shown, concurrency_limit=None, show_progress="hidden", **PRIVATE)
 
     def follow(job_id, followed):
         """A training that started since the last look (from another browser) takes over an idle page."""

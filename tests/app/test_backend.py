@@ -75,8 +75,8 @@ def test_check_uploads_count_and_total_limits(tmp_path, monkeypatch):
 def test_copy_uploads_keeps_same_named_files_apart(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    for d in (a, b):
-        (d / "Photo.PNG").write_bytes(SMOKE[0].read_bytes())
+    for d, src in ((a, SMOKE[0]), (b, SMOKE[1])):
+        (d / "Photo.PNG").write_bytes(src.read_bytes())
     dest = tmp_path / "job" / "instance_images"
     out = ub.copy_uploads(ub.check_uploads([a / "Photo.PNG", b / "Photo.PNG"]), dest)
     assert [p.name for p in out] == ["Photo.png", "Photo_2.png"]
@@ -195,3 +195,29 @@ def test_a_caption_uploaded_beside_its_image_travels_with_it(tmp_path):
     out = ub.copy_uploads(check, tmp_path / "job")
     assert sorted(p.name for p in out) == ["heart_0.png", "heart_0.txt"]
     assert (tmp_path / "job" / "heart_0.txt").read_text() == "a sks heart on a blue background"
+
+
+def test_a_duplicate_image_is_noticed(tmp_path):
+    (tmp_path / "again.png").write_bytes(SMOKE[0].read_bytes())
+    check = ub.check_uploads([SMOKE[0], SMOKE[1], tmp_path / "again.png"])
+    assert [name for _, name in check.accepted] == ["heart_0.png", "heart_1.png"]
+    assert dict(check.rejected) == {"again.png": "the same image as heart_0.png (a duplicate adds nothing)"}
+
+
+def test_runs_of_the_command_line_trainer_are_listed_and_not_deleted(tmp_path):
+    from dreambooth_dora.sd.fixtures import build_tiny_sd15
+
+    run = tmp_path / "outputs" / "my_dog"
+    run.mkdir(parents=True)
+    pipe = build_tiny_sd15()
+    add_adapter(pipe, rank=2)
+    save_adapter(pipe, run / "adapter.safetensors", metadata={"instance_prompt": "a photo of sks dog"})
+    (tmp_path / "outputs" / "app").mkdir()  # the app's own data folder: not a run
+    entries = ub.list_adapters(tmp_path / "data", tmp_path / "outputs")
+    assert [(e.key, e.source, e.name) for e in entries] == [
+        ("cli:my_dog", "command line", "a photo of sks dog · my_dog")
+    ]
+    assert entries[0].readers == {"adapter.safetensors": ("dreambooth_dora", "diffusers", "peft")}
+    with pytest.raises(ConfigError, match="trained from the command line: the app does not delete it"):
+        ub.delete_adapter(entries[0], set())
+    assert (run / "adapter.safetensors").is_file()

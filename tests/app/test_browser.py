@@ -62,7 +62,9 @@ class AppServer:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        args = ["--port", str(self.port), "--base", "builtin:tiny-sd15", "--data-dir", str(self.data), *extra]
+        self.cli_runs = tmp / "cli_runs"  # where the command-line trainer's runs are listed from (--runs-dir)
+        args = ["--port", str(self.port), "--base", "builtin:tiny-sd15", "--data-dir", str(self.data)]
+        args += ["--runs-dir", str(self.cli_runs), *extra]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, stdout=log, stderr=log, env=env)
         self._client = None
@@ -349,6 +351,7 @@ def test_stop_within_seconds_and_resume_continues_from_the_checkpoint(server, ne
     assert next(e["step"] for e in after if e["event"] == "step") == stopped_at + 1
     page.locator("#stop").click()
     expect(progress).to_contain_text(f"Stopped {job}", timeout=15_000)
+    expect(page.locator("#train-message")).not_to_contain_text("Stopping")  # no stale action line
 
 
 def test_bad_uploads_are_named_and_training_uses_the_good_files(server, new_page, tmp_path):
@@ -433,6 +436,7 @@ def test_two_browsers_train_and_generate_at_once_with_their_own_state(server, ne
     expect(a.locator("#progress")).to_contain_text(f"Training {job}: step", timeout=60_000)
     a.reload()  # a reload reattaches to the running job, and its progress keeps moving
     expect(a.locator("#progress")).to_contain_text(f"Training {job}: step")
+    expect(a.locator("#steps input")).to_have_value(str(LONG))  # and shows that job's settings, not the defaults
     before = progress_step(a)
     wait_past_step(a, before)
 
