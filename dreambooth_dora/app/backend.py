@@ -296,6 +296,9 @@ def progress_text(view: JobView | None) -> str:
     if view.status == "queued":
         return f"**Queued** {where}: position {view.queue_position}; another training is running (one at a time)."
     if view.status == "running":
+        if not view.total and view.phase:
+            name, done, total = view.phase
+            return f"**Preparing** {where}: {name} {done}/{total} (drawn by the base model, once per run folder)…"
         if not view.total:
             return f"**Starting** {where}: loading the model…"
         return f"**Training** {where}: {step} · {view.steps_per_s:.2f} it/s · ETA {_duration(view.eta_s)}"

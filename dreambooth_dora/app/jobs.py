@@ -50,6 +50,7 @@ class JobView:
     checkpoints: list[int] = field(default_factory=list)
     message: str = ""
     pid: int | None = None
+    phase: tuple[str, int, int] | None = None  # (name, done, total) of a long phase before the first step
 
 
 def _read_events(path: Path) -> list[dict]:
@@ -75,6 +76,8 @@ def _view(job_id: str, run_dir: Path, status: str, pid: int | None, position: in
                 view.losses.pop()
             view.losses.append((e["step"], e["loss"]))
             view.steps_per_s, view.eta_s = e["steps_per_s"], e["eta_s"]
+        elif kind == "phase":
+            view.phase = (e["name"], e["done"], e["total"])
         elif kind == "samples":
             view.samples = e["paths"]
         elif kind == "checkpoint":
@@ -292,6 +295,7 @@ def run_worker(run_dir: Path) -> int:
         ),
         on_samples=lambda step, paths: emit(event="samples", step=step, paths=[str(p) for p in paths]),
         on_checkpoint=lambda step, path: emit(event="checkpoint", step=step, path=str(path)),
+        on_phase=lambda name, done, total: emit(event="phase", name=name, done=done, total=total),
     )
     config = json.loads((run_dir / "job.json").read_text())["config"]
     try:

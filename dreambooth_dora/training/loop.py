@@ -92,7 +92,7 @@ def train(config: TrainConfig | dict | str | Path, callbacks: Callbacks | None =
     cb = callbacks or Callbacks()
     inputs = setup.check_inputs(cfg)  # everything checked before the first write
     with setup.own_output(inputs), RunLog(inputs.run, cb, total=cfg.max_train_steps, enabled=inputs.main) as runlog:
-        s = setup.open_session(inputs)
+        s = setup.open_session(inputs, cb.on_phase)
         status, step, last_ckpt = _steps(s, runlog, cb)
         s.accelerator.wait_for_everyone()
         files = outputs.save_adapters(s, step) if s.main and status == "finished" else []
@@ -118,10 +118,12 @@ def _steps(s: setup.Session, runlog: RunLog, cb: Callbacks) -> tuple[str, int, P
                 log.info("CPU threads now %d: other processes are using the rest", n)
             runlog.step(step, loss, s.lr_scheduler.get_last_lr()[0])
             if outputs.wants_samples(s, step):
+                runlog.pause("validation images")
                 runlog.samples(step, outputs.validation_images(s, step))
             outputs.save_intermediate(s, step)
             wants_stop = stop.raised or bool(cb.should_stop and cb.should_stop())
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps or wants_stop:
+                runlog.pause("saving a checkpoint")
                 last_ckpt = outputs.save_checkpoint(s, step, runlog) or last_ckpt
             if wants_stop and step < cfg.max_train_steps:
                 status = "stopped"

@@ -13,6 +13,7 @@ whose other indices already exist is still generated whole and the extra images 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def ensure_class_images(
     progress: bool = True,
     negative_prompt: str | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Fill ``class_dir`` up to ``num_class_images`` usable images and return exactly that many paths.
 
@@ -47,6 +49,7 @@ def ensure_class_images(
     ``DreamBoothDataset(class_dir=..., num_class_images=...)`` uses. Works with SD1.x/2.x and SDXL
     pipelines; ``resolution`` (square, pixels) defaults to the pipeline's native size. The pipeline's
     modules are switched to eval for the generation and back to their previous mode afterwards.
+    ``on_progress(done, total)`` is called after each image written (the app's progress line).
     """
     if not class_prompt or not class_prompt.strip():
         raise DataError("class_prompt is empty. Name the subject's class, e.g. 'a photo of a dog'.")
@@ -73,7 +76,7 @@ def ensure_class_images(
         k += 1
     made = _generate(
         pipe, class_prompt, folder, indices, batch_size, seed, num_inference_steps, guidance_scale,
-        resolution, progress, negative_prompt,
+        resolution, progress, negative_prompt, on_progress,
     )  # fmt: skip
     return sorted(existing + made)
 
@@ -105,6 +108,7 @@ def _generate(
     resolution: int | None,
     progress: bool,
     negative_prompt: str | None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Generate and save image k for every k in ``indices``, with batches aligned to batch_size."""
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
@@ -134,6 +138,8 @@ def _generate(
                     if k in wanted:
                         paths.append(_save_png(image, folder / CLASS_IMAGE_NAME.format(k)))
                         bar.update()
+                        if on_progress is not None:
+                            on_progress(len(paths), len(indices))
     finally:
         for name, m in modules.items():
             m.train(was_training[name])

@@ -43,6 +43,7 @@ class Callbacks:
     on_step: Callable[[StepInfo], None] | None = None
     on_samples: Callable[[int, list[Path]], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None
+    on_phase: Callable[[str, int, int], None] | None = None  # a long phase before the steps: (name, done, total)
     should_stop: Callable[[], bool] | None = None
 
 
@@ -140,6 +141,10 @@ class RunLog(contextlib.AbstractContextManager):
         if self.callbacks.on_step:
             eta = (self.total - step) / rate if rate else float("inf")
             self.callbacks.on_step(StepInfo(step, self.total, loss, lr, rate, eta))
+
+    def pause(self, what: str) -> None:
+        """Say on the bar what the run does between steps (validation images, a checkpoint): no frozen bar."""
+        self._bar.set_postfix_str(f"{what}…")
 
     def samples(self, step: int, paths: list[Path]) -> None:
         if self.enabled and self.callbacks.on_samples:

@@ -172,7 +172,7 @@ def check_inputs(cfg: TrainConfig) -> Inputs:
     return Inputs(cfg, run, accelerator, pipe, arch, dataset, dtype, resume, make_optimizer)
 
 
-def _class_images(cfg: TrainConfig, pipe, accelerator) -> DreamBoothDataset:
+def _class_images(cfg: TrainConfig, pipe, accelerator, on_phase=None) -> DreamBoothDataset:
     """Generate the missing prior-preservation class images (main process) and return the paired dataset."""
     from dreambooth_dora.training.prior import ensure_class_images
 
@@ -184,6 +184,7 @@ def _class_images(cfg: TrainConfig, pipe, accelerator) -> DreamBoothDataset:
             cfg.num_class_images,
             seed=cfg.seed,
             resolution=cfg.resolution,
+            on_progress=(lambda done, total: on_phase("class images", done, total)) if on_phase else None,
         )
     accelerator.wait_for_everyone()
     return make_dataset(cfg, with_class_images=True)
@@ -243,7 +244,7 @@ def _resume(inputs: Inputs, named: dict, optimizer, lr_scheduler) -> int:
     return state["step"]
 
 
-def open_session(inputs: Inputs) -> Session:
+def open_session(inputs: Inputs, on_phase=None) -> Session:
     """Class images, adapters, parameter groups, gradient checkpointing, optimizer and schedule through
     accelerate, resume: the run ready for its first step (modules in train mode)."""
     from diffusers.optimization import get_scheduler
@@ -258,7 +259,7 @@ def open_session(inputs: Inputs) -> Session:
             log.warning("warning: %s", misfit)
     pipe.to(accelerator.device)
     if cfg.with_prior_preservation:
-        dataset = _class_images(cfg, pipe, accelerator)
+        dataset = _class_images(cfg, pipe, accelerator, on_phase)
     encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
     named = _inject(cfg, pipe, inputs.arch, encoders)
     if cfg.gradient_checkpointing:

@@ -128,6 +128,8 @@ def test_progress_text_says_what_is_happening(tmp_path):
     assert "Resume" in ub.progress_text(JobView("j3", "stopped", tmp_path, step=4, total=8))
     assert "boom" in ub.progress_text(JobView("j4", "failed", tmp_path, message="boom"))
     assert ub.loss_frame(None).empty
+    preparing = JobView("j5", "running", tmp_path, phase=("class images", 12, 64))
+    assert "**Preparing** `j5`: class images 12/64" in ub.progress_text(preparing)  # not "loading the model" for minutes
 
 
 @pytest.fixture

@@ -38,7 +38,11 @@ def test_fills_the_folder_and_continues_exactly_like_a_fresh_run(tmp_path, tiny_
     assert tiny_sd15._progress_bar_config == {"leave": False}
 
     before = _bytes(first)
-    grown = ensure_class_images(tiny_sd15, "a dog", tmp_path / "class", 5, **FAST)
+    reported = []
+    grown = ensure_class_images(
+        tiny_sd15, "a dog", tmp_path / "class", 5, on_progress=lambda *a: reported.append(a), **FAST
+    )
+    assert reported == [(1, 2), (2, 2)]  # the two missing images, counted as they are written
     assert [p.name for p in grown] == [f"class_{k:06d}.png" for k in range(5)]
     assert {name: data for name, data in _bytes(grown).items() if name in before} == before  # untouched
 
