@@ -129,7 +129,7 @@ def test_progress_text_says_what_is_happening(tmp_path):
     assert "boom" in ub.progress_text(JobView("j4", "failed", tmp_path, message="boom"))
     assert ub.loss_frame(None).empty
     preparing = JobView("j5", "running", tmp_path, phase=("class images", 12, 64))
-    assert "**Preparing** `j5`: class images 12/64" in ub.progress_text(preparing)  # not "loading the model" for minutes
+    assert "**Preparing** `j5`: class images 12/64" in ub.progress_text(preparing)  # not "loading the model…"
 
 
 @pytest.fixture
