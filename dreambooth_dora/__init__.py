@@ -16,6 +16,11 @@ from dreambooth_dora import _legacy, notices, threads
 if sys.argv[:1] == ["-m"]:
     threads.configure(threads.requested(sys.argv))
     notices.quiet()
+    # `python -m dreambooth_dora.threads` runs a module this file has just imported: runpy's warning about it
+    # says nothing a user can act on.
+    import warnings
+
+    warnings.filterwarnings("ignore", r"'dreambooth_dora\.threads' found in sys\.modules", RuntimeWarning)
 
 _EXPORTS = {
     "AdapterError": "adapters.inject",
