@@ -108,6 +108,11 @@ def build_tiny_sd15(seed: int = SEED) -> StableDiffusionPipeline:
     scheduler = PNDMScheduler(
         **NOISE_SCHEDULE, prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1
     )
+    return assemble_sd(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def assemble_sd(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """An SD1.x-layout pipeline from its parts, in eval mode, without the safety checker."""
     return StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

@@ -241,20 +241,13 @@ def train_unet(text, unet, latents, scenes, tokenizer, work: Path, steps: int, l
 
 
 def assemble(vae, text, unet, tokenizer):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
+
+    from dreambooth_dora.sd.fixtures import assemble_sd
 
     # steps_offset only matters for "leading" spacing; 1 is what diffusers expects to find in a saved config.
     sched = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, steps_offset=1)
-    return StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd(vae, text, tokenizer, unet, sched)
 
 
 def main(argv: list[str] | None = None) -> int:
