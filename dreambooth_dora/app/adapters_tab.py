@@ -10,13 +10,17 @@ import gradio as gr
 from dreambooth_dora.adapters.inject import AdapterError
 from dreambooth_dora.adapters.readers import readers_text
 from dreambooth_dora.app import backend as ub
+from dreambooth_dora.app.form import DESTINATION_CHOICES
 from dreambooth_dora.app.shared import PRIVATE, Shared, error_text
+from dreambooth_dora.sd.pipelines import ModelLoadError
+from dreambooth_dora.tools.convert import ConvertError
 from dreambooth_dora.training.config import ConfigError
 
 ABOUT = (
-    "Each file is written for the programs named with it (**files: exact in**): they apply it exactly. "
-    "For another program, convert the adapter (`python -m dreambooth_dora.convert FILE OUT --to comfyui "
-    "--base BASE`) or export a merged checkpoint. Deleting a trained adapter deletes its run (checkpoints, samples)."
+    "Each file is written for the programs named with it (**files: exact in**): they apply it exactly. For "
+    "another program, **Convert** it (or `python -m dreambooth_dora.convert FILE OUT --to comfyui --base BASE`): "
+    "exact when only the layout changes; across DoRA axes a re-fit whose error is shown; a merged checkpoint "
+    "(`python -m dreambooth_dora.export merged`) is exact everywhere. Deleting a trained adapter deletes its run."
 )
 
 
@@ -37,6 +41,10 @@ def build(ctx: Shared) -> None:
             dl_native = gr.DownloadButton("Download adapter", interactive=False, elem_id="download-native")
             dl_kohya = gr.DownloadButton("Download kohya file", interactive=False, elem_id="download-kohya")
             delete_btn = gr.Button("Delete", variant="stop", elem_id="delete-adapter")
+        with gr.Row():
+            convert_to = gr.Dropdown(list(DESTINATION_CHOICES), value="comfyui", label="Convert the adapter for",
+                                     elem_id="convert-to", scale=2)  # fmt: skip
+            convert_btn = gr.Button("Convert", elem_id="convert")
         gr.Markdown(ABOUT)
         upload = gr.File(label="Add an adapter: a .safetensors file, checked against the loaded base",
                          file_types=[".safetensors"], type="filepath", elem_id="adapter-upload")  # fmt: skip
@@ -74,6 +82,18 @@ def build(ctx: Shared) -> None:
         return *refresh(f"**Added** {entry.name} ({entry.kind}, rank {entry.rank})."), None
 
     upload.upload(on_upload, upload, [table, pick, message, upload], **PRIVATE)
+
+    def on_convert(key, to):
+        entry = ctx.adapter(key)
+        if entry is None:
+            return refresh("Choose an adapter first.")
+        try:
+            _, text = ub.convert_for(entry, to, ctx.data_dir, ctx.engine.studio.base)
+        except (ConvertError, AdapterError, ModelLoadError) as e:
+            return refresh(error_text("Cannot convert", e))
+        return refresh(text)
+
+    convert_btn.click(on_convert, [pick, convert_to], [table, pick, message], concurrency_limit=1, **PRIVATE)
 
     def on_delete(key):
         entry = ctx.adapter(key)

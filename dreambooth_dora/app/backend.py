@@ -30,7 +30,7 @@ import yaml
 from safetensors import safe_open
 
 from dreambooth_dora.adapters.io import OUR_KEY, AdapterFileError, read_adapter_file
-from dreambooth_dora.adapters.readers import HEADER_KEY, readers_text
+from dreambooth_dora.adapters.readers import HEADER_KEY, LABELS, readers_text
 from dreambooth_dora.app import form
 from dreambooth_dora.app.jobs import JobView
 from dreambooth_dora.runs import RunFolder
@@ -456,6 +456,32 @@ def add_uploaded_adapter(src: Path, data_dir: Path, pipe, base_name: str) -> Ada
     }
     target.with_suffix(".json").write_text(json.dumps(info, indent=1))
     return find_adapter(data_dir, f"upload:{target.name}")
+
+
+def convert_for(entry: AdapterEntry, to: str, data_dir: Path, loaded_base: str) -> tuple[AdapterEntry, str]:
+    """Convert an adapter for destination ``to`` into the uploaded adapters (tools.convert: exact when only the
+    layout changes, else a re-fit of the other DoRA axis against the base); (new entry, Markdown report).
+    ConvertError / AdapterFileError when it cannot."""
+    from dreambooth_dora.tools.convert import convert_adapter
+
+    base = entry.base if entry.base not in ("?", "") and not entry.base.startswith("checked on ") else loaded_base
+    folder = data_dir / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = unique_path(folder, safe_filename(f"{entry.path.stem}_for_{to}.safetensors"))
+    report = convert_adapter(entry.path, target, to, base=base)
+    info = {"base": base, "kind": report.kind, "rank": entry.rank, "steps": entry.steps, "format": report.layout,
+            "original_name": entry.path.name}  # fmt: skip
+    target.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    how = (
+        f"re-fitted to the {report.axis} axis: {report.overall_error:.1%} of the learned update lost (0 = exact; a "
+        "merged checkpoint is the exact route)"
+        if report.refit
+        else "an exact rewrite"
+    )
+    text = (
+        f"**Converted** {entry.name} for {LABELS[to]}: `{target.name}`, {how}; exact in {readers_text(report.readers)}."
+    )
+    return find_adapter(data_dir, f"upload:{target.name}"), text
 
 
 def delete_adapter(entry: AdapterEntry, busy: set[str]) -> str:

@@ -307,6 +307,14 @@ def test_journey_upload_train_generate_download_analyse(server, new_page, tmp_pa
     parsed = read_adapter_file(path, tiny)
     assert (parsed.format, parsed.kind, parsed.metadata["base_model"]) == ("native", "dora", "builtin:tiny-sd15")
     assert parsed.metadata["instance_prompt"] == "a photo of sks heart"
+    # …and converts it for ComfyUI, which needs the other DoRA axis: a re-fit whose cost is shown
+    choose(page, "convert-to", re.compile("ComfyUI"))
+    page.locator("#convert").click()
+    converted = re.compile(r"Converted .* for ComfyUI: .*_for_comfyui\.safetensors, re-fitted to the in axis: .*% of")
+    expect(page.locator("#adapter-message")).to_contain_text(converted, timeout=60_000)
+    expect(page.locator("#adapter-table")).to_contain_text(
+        "_for_comfyui.safetensors: this project, ComfyUI, A1111, Forge"
+    )
     snap(page, "adapters")
 
     # Analysis: the run saved intermediate adapters every 4 steps
