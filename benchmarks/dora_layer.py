@@ -6,6 +6,7 @@ Run from the repository root, with the project's venv:
     python benchmarks/dora_layer.py --quick              # smoke test: tiny grid, tiny UNet, 1 thread (seconds)
     python benchmarks/dora_layer.py --checkpointing      # CPU: default layer grid + SD1.5-width step at 256 px
     python benchmarks/dora_layer.py --device cuda --dtype bf16 --full --checkpointing --resolution 512
+    python benchmarks/dora_layer.py --skip-layers --skip-step --breakdown --threads 1   # DoRA's cost per layer shape
 
 --full (80 layer shapes, up to 4096 tokens × 1280 at rank 128) is meant for a GPU; on a CPU it takes long.
 On a CPU shared with other work, --threads 1 keeps the ratios steady (no thread oversubscription).
@@ -381,6 +382,80 @@ def run_whole_step(args, device, dtype) -> None:
     print("\nours DoRA / peft DoRA: " + "; ".join(summary))
 
 
+# -- 3. where DoRA's extra time goes, per adapted layer shape of the whole step ------------------------------------
+
+
+def run_breakdown(args, device, dtype) -> None:
+    """The adapted layers the whole step meets (shapes and token counts recorded by forward hooks during one
+    forward of the step's models), each timed alone as ours DoRA vs ours LoRA: forward + backward + AdamW step
+    (which invalidates the cached norm) + zero_grad. "norm ms" is the once-per-step
+    factored ‖V‖ alone; its product W0·Aᵀ (out·in·r multiply-adds) is the part of DoRA's cost no fusion removes.
+    The UNet forward runs twice with gradient checkpointing; this table counts it once."""
+    from collections import Counter
+
+    te0, unet0, batch, _ = build_models(args, device, dtype)
+    seen: Counter = Counter()
+    handles = []
+    for part, model, targets in (("text", te0, TEXT_TARGETS), ("unet", unet0, UNET_TARGETS)):
+        model, _ = adapt(model, "ours", "lora", args.rank, targets)
+        for m in model.modules():
+            if isinstance(m, AdaptedLinear):
+                hook = lambda m, inp, out, part=part: seen.update(  # noqa: E731
+                    [(part, m.in_features, m.out_features, inp[0].numel() // m.in_features, m.bias is not None)]
+                )
+                handles.append(m.register_forward_hook(hook))
+        if part == "text":
+            te = model
+        else:
+            with torch.no_grad(), autocast(device, dtype):
+                model(batch["latents"], batch["t"], te(batch["ids"])[0])
+    for h in handles:
+        h.remove()
+    rows, total = [], {"oL": 0.0, "extra": 0.0, "norm": 0.0}
+    for (part, fin, fout, tokens, bias), count in sorted(seen.items()):
+        torch.manual_seed(0)
+        base = nn.Sequential(OrderedDict(proj=nn.Linear(fin, fout, bias=bias))).to(device, dtype).requires_grad_(False)
+        x = torch.randn(tokens, fin, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(tokens, fout, device=device, dtype=dtype)
+        steps, adapters = {}, {}
+        for name, impl, kind in VARIANTS[:2]:  # oD, oL
+            model, params = adapt(base, impl, kind, args.rank, ["proj"])
+            adapters[name] = model.proj.adapters["default"]
+            opt = torch.optim.AdamW(params, lr=1e-4)  # a real optimizer step: it invalidates what it should
+
+            def step(model=model, opt=opt, x=x, dy=dy):
+                with autocast(device, dtype):
+                    y = model(x)
+                y.backward(dy.to(y.dtype))
+                x.grad = None
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[name] = step
+        times = bench(steps, device, warmup=2, rounds=args.repeats, target_ms=args.target_ms)
+
+        def norm(a=adapters["oD"], w=base.proj.weight):
+            a._norm = None  # drop the cached ‖V‖, as an optimizer step does
+            return a.weight_norm(w)
+
+        norm_t = bench({REF: norm}, device, warmup=1, rounds=5, target_ms=10.0)
+        ms, r, norm_ms = statistics.median(times[REF]), ratio(times, "oD", REF), statistics.median(norm_t[REF])
+        extra = (r - 1) * ms * count
+        total["oL"] += ms * count
+        total["extra"] += extra
+        total["norm"] += norm_ms * count
+        rows.append([part, f"{fin}→{fout}", tokens, "yes" if bias else "no", count, f"{ms:.3g}", f"{r:.3f}",
+                     f"{norm_ms:.3g}", f"{extra:.1f}"])  # fmt: skip
+        print(f"  breakdown {part} {fin}→{fout} × {tokens} tokens: done", file=sys.stderr, flush=True)
+    print(f"\n## 3. DoRA's extra time per adapted layer shape of the whole step (rank {args.rank})\n")
+    print(table(["model", "in→out", "tokens", "bias", "layers", "ms oL", "oD/oL", "norm ms", "extra ms × layers"],
+                rows))  # fmt: skip
+    print(
+        f"\nAll adapted layers, once each: oL {total['oL']:.1f} ms, DoRA extra {total['extra']:.1f} ms, of which the "
+        f"factored norm {total['norm']:.1f} ms."
+    )
+
+
 # -- main ------------------------------------------------------------------------------------------------------------
 
 
@@ -402,6 +477,7 @@ def main() -> None:
     add("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --quick)")
     add("--skip-layers", action="store_true")
     add("--skip-step", action="store_true")
+    add("--breakdown", action="store_true", help="also: DoRA's extra time per adapted layer shape of the whole step")
     args = ap.parse_args()
     pick = lambda quick, default: quick if args.quick else default  # noqa: E731
     args.repeats = args.repeats or pick(5, 15)
@@ -419,6 +495,8 @@ def main() -> None:
         run_layers(args, device, dtype)
     if not args.skip_step:
         run_whole_step(args, device, dtype)
+    if args.breakdown:
+        run_breakdown(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -67,29 +67,51 @@ def _tensor_key(*tensors: torch.Tensor) -> tuple:
     return (_optimizer_steps, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
 
 
-class _ScaleRows(torch.autograd.Function):
-    """y = h ⊙ c for h: (N, out), c: (out,) fp32, saving y instead of h for backward.
+def _frozen_key(t: torch.Tensor) -> tuple:
+    """``_tensor_key`` for one tensor, without the optimizer-step count when it cannot be trained: an optimizer
+    (fused or not) only updates tensors that get gradients, so a frozen W0's ‖W0‖² outlives optimizer steps."""
+    return (_optimizer_steps if t.requires_grad else -1, t._version, t.data_ptr(), t.dtype, t.device)
 
-    The magnitude's gradient needs h = y / c. Saving the output rather than h lets autograd share storage with
-    whatever consumes y (attention keeps q, k and v anyway), so for the bias-free UNet projections DoRA saves no
-    activation beyond LoRA's. A row with c exactly 0 (a zero magnitude) gets no magnitude gradient.
+
+class _ScaleRows(torch.autograd.Function):
+    """y = h ⊙ c [+ b], c = m / ‖V‖, for h: (N, out), m and ‖V‖: (out,) fp32 (‖V‖ detached), b: (out,) or None.
+
+    One elementwise pass and one autograd node (c is formed here, not as a separate division node).
+    h must be a temporary of the caller (the output of the LoRA addmm, which nothing else saves): without a bias
+    it is scaled in place and y, the output, is what is saved for backward. The magnitude's gradient needs
+    h = y / c; saving the output rather than a copy of h lets autograd share storage with whatever consumes y
+    (attention keeps q, k and v anyway), so for the bias-free UNet projections DoRA saves no activation beyond
+    LoRA's. A row with c exactly 0 (a zero magnitude) then gets no magnitude gradient. With a bias, y = b + h⊙c
+    is one fused op and h itself is saved (y − b would be a new tensor anyway), so backward needs no division.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        y = h * c.to(h.dtype)
-        ctx.save_for_backward(y, c)
+    def forward(ctx, h: torch.Tensor, m: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None):
+        c = m / norm
+        cc = c.to(h.dtype)
+        if bias is None:
+            y = h.mul_(cc)
+            ctx.mark_dirty(h)
+            ctx.save_for_backward(y, c, norm)
+        else:
+            y = torch.addcmul(bias.to(h.dtype), h, cc)
+            ctx.save_for_backward(h, c, norm)
+        ctx.saved_h, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        y, c = ctx.saved_tensors
-        grad_h = g * c.to(g.dtype) if ctx.needs_input_grad[0] else None
-        grad_c = None
-        if ctx.needs_input_grad[1]:
-            gy = (g * y).reshape(-1, y.shape[-1]).sum(0, dtype=torch.float32)
-            grad_c = torch.where(c != 0, gy / torch.where(c != 0, c, 1.0), 0.0)
-        return grad_h, grad_c
+        t, c, norm = ctx.saved_tensors  # t = h (with a bias) or y = h ⊙ c (without)
+        need_h, need_m, _, need_b = ctx.needs_input_grad
+        grad_h = g * c.to(g.dtype) if need_h else None
+        grad_m = grad_b = None
+        if need_m:
+            gt = (g * t).reshape(-1, t.shape[-1]).sum(0, dtype=torch.float32)  # ∂L/∂c ⊙ c (or ∂L/∂c, with h)
+            grad_c = gt if ctx.saved_h else gt / torch.where(c != 0, c, 1.0)  # y = 0 where c = 0: gt = 0 there
+            grad_m = grad_c / norm
+        if need_b:
+            grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=ctx.bias_dtype)
+        return grad_h, grad_m, None, grad_b
 
 
 class Adapter(nn.Module):
@@ -138,24 +160,30 @@ class Adapter(nn.Module):
     def _w0_squared(self, weight: torch.Tensor) -> torch.Tensor:
         if not isinstance(weight, torch.Tensor):  # a quantized W0 never changes: it caches ‖W0‖² itself
             return weight.square_sums(self.axis)
-        key = _tensor_key(weight)
+        key = _frozen_key(weight)
         if self._w0_sq is None or self._w0_sq[0] != key:
             w = weight.detach().float()
             self._w0_sq = (key, w.square().sum(dim=1 if self.axis == "out" else 0))
         return self._w0_sq[1]
 
-    @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """‖V‖ in fp32, detached: (out,) for axis="out", (in,) for axis="in".
 
         Factored so that no (out, in) matrix is ever built:
-            rows:    ‖V_i‖² = ‖W0_i‖² + 2s·B_i·(W0 Aᵀ)_i + s²·B_i (A Aᵀ) B_iᵀ
-            columns: ‖V_j‖² = ‖W0_j‖² + 2s·A_j·(Bᵀ W0)_j + s²·A_j (Bᵀ B) A_jᵀ
+            rows:    ‖V_i‖² = ‖W0_i‖² + B_i·(2s·W0 Aᵀ + s²·B (A Aᵀ))_i
+            columns: ‖V_j‖² = ‖W0_j‖² + A_j·(2s·Bᵀ W0 + s²·(Bᵀ B) A)_j
+        The only product with W0 (out·in·r multiply-adds) is the cost floor; the rest is (out or in) × r.
         """
         A, B = self.lora_A, self.lora_B
         key = _tensor_key(weight, A, B)
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
+        with torch.no_grad():
+            norm = self._weight_norm(weight, A.detach(), B.detach())
+        self._norm = (key, norm)
+        return norm
+
+    def _weight_norm(self, weight, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         dense = isinstance(weight, torch.Tensor)  # else a quantized W0 (adapters.quantized.QuantizedWeight)
         w, s = weight.detach() if dense else weight, self.scaling
         sq = self._w0_squared(weight)
@@ -163,15 +191,13 @@ class Adapter(nn.Module):
         # half-precision W0 every step would cost more than the norm itself.
         if self.axis == "out":
             w_at = w @ A.t().to(w.dtype) if dense else w.times_t(A)  # W0 Aᵀ: (out, r)
-            cross = (B * w_at.float()).sum(dim=1)  # (out,)
-            quad = ((B @ (A @ A.t())) * B).sum(dim=1)
+            m = torch.addmm(w_at.to(B.dtype), B, A @ A.t(), beta=2.0 * s, alpha=s * s)  # 2s·W0Aᵀ + s²·B(AAᵀ)
+            t = torch.linalg.vecdot(B, m)  # (out,)
         else:
             bt_w = B.t().to(w.dtype) @ w if dense else w.left_times(B.t())  # Bᵀ W0: (r, in)
-            cross = (A * bt_w.float()).sum(dim=0)  # (in,)
-            quad = (((B.t() @ B) @ A) * A).sum(dim=0)
-        norm = (sq + 2.0 * s * cross + (s * s) * quad).clamp_min(0.0).sqrt()
-        self._norm = (key, norm)
-        return norm
+            m = torch.addmm(bt_w.to(A.dtype), B.t() @ B, A, beta=2.0 * s, alpha=s * s)  # 2s·BᵀW0 + s²·(BᵀB)A
+            t = torch.linalg.vecdot(A, m, dim=0)  # (in,)
+        return (sq + t).clamp_min_(0.0).sqrt()
 
     def norm_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """c = m / ‖V‖ (fp32, differentiable in m only)."""
@@ -258,12 +284,11 @@ class AdaptedLinear(nn.Linear):
         """The training path: one adapter at strength 1; one elementwise op beyond LoRA."""
         if a.kind != "dora":
             return a.lora_branch(x2, _linear(weight, x2, self.bias))
-        c = a.norm_scale(weight)
         if a.axis == "in":
-            xs = x2 * c.to(x2.dtype)
+            xs = x2 * a.norm_scale(weight).to(x2.dtype)
             return a.lora_branch(xs, _linear(weight, xs, self.bias))
-        y = _ScaleRows.apply(a.lora_branch(x2, _linear(weight, x2)), c)  # c ⊙ (W0x + s·B(Ax))
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
+        h = a.lora_branch(x2, _linear(weight, x2))  # W0x + s·B(Ax)
+        return _ScaleRows.apply(h, a.magnitude, a.weight_norm(weight), self.bias)  # c ⊙ h + b, c = m/‖V‖
 
     # -- merge / unmerge ---------------------------------------------------------------------------------------
 

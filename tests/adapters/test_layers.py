@@ -223,6 +223,69 @@ def test_norm_is_computed_once_per_optimizer_step(monkeypatch):
         calls["n"] = 0
 
 
+def test_frozen_w0_square_sums_outlive_optimizer_steps(monkeypatch):
+    """‖W0‖² is cached across optimizer steps while W0 is frozen (an optimizer never touches a tensor without a
+    gradient); an in-place edit of W0, or a W0 that trains, recomputes it."""
+    m = _block()
+    add_adapter(m, rank=4, targets=["to_q"])
+    _perturb(m)
+    layer = m.attn.to_q
+    calls = {"n": 0}
+    orig = torch.Tensor.square
+
+    def counting_square(t):
+        calls["n"] += 1
+        return orig(t)
+
+    monkeypatch.setattr(torch.Tensor, "square", counting_square)
+    x = torch.randn(4, 64)
+    opt = torch.optim.AdamW(adapter_parameters(m), lr=1e-2)
+    for _ in range(3):
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    calls["n"] = 0
+    layer(x).square().mean().backward()
+    assert calls["n"] == 1, "the forward's own .square() only: ‖W0‖² must come from the cache"
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    calls["n"] = 0
+    layer(x)
+    assert calls["n"] == 1, "an in-place edit of W0 must recompute ‖W0‖²"
+    layer.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([layer.weight], lr=1e-2)
+    layer(x).sum().backward()
+    opt.step()
+    calls["n"] = 0
+    layer(x)
+    assert calls["n"] == 1, "a trained W0 must recompute ‖W0‖² after an optimizer step"
+
+
+@pytest.mark.parametrize("bias,bias_trains", [(False, False), (True, False), (True, True)])
+def test_dora_gradients_match_the_plain_formula(bias, bias_trains):
+    """Forward and every gradient (x, A, B, m, a trained bias) of the fused training path against plain autograd
+    on y = (m / ‖V‖.detach()) ⊙ (V x) + b, for 3-d inputs as in attention."""
+    m = _block(bias=bias)
+    add_adapter(m, rank=4, alpha=6, targets=["to_q"])
+    _perturb(m)
+    layer = m.attn.to_q
+    a = layer.adapters["default"]
+    if bias_trains:
+        layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    g = torch.randn(2, 5, 48)
+    params = [x, a.lora_A, a.lora_B, a.magnitude] + ([layer.bias] if bias_trains else [])
+    layer(x).backward(g)
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    v = layer.weight + a.scaling * a.lora_B @ a.lora_A
+    y = x @ (a.magnitude[:, None] / v.norm(dim=1, keepdim=True).detach() * v).t()
+    (y + layer.bias if bias else y).backward(g)
+    for p, mine in zip(params, got, strict=True):
+        assert torch.allclose(mine, p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_magnitude_only_change_keeps_norm_but_changes_output():
     m = _block()
     add_adapter(m, rank=4, targets=["to_q"])
