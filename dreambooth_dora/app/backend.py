@@ -1,5 +1,6 @@
 """What the browser app (``app.py``) does besides widgets, testable without a browser:
-upload intake, the training form → config, presets, the adapter registry, progress text and the analysis runs.
+upload intake, the training form → config, presets, the adapter registry and progress text (the Analysis tab's
+logic is app/analysis.py).
 
 Folders under the app's data dir:
     runs/<job id>/          one training job (jobs.JobManager): instance_images/, adapter*.safetensors, samples/…
@@ -497,40 +498,3 @@ def delete_adapter(entry: AdapterEntry, busy: set[str]) -> str:
         raise ConfigError(f"{run.name} is training or queued; stop it before deleting it")
     shutil.rmtree(run)
     return f"deleted run {run.name} (adapter, checkpoints and samples)"
-
-
-# -- analysis --------------------------------------------------------------------------------------------------
-
-
-def analysable_runs(data_dir: Path, busy: set[str]) -> list[tuple[str, str]]:
-    """(label, job id) of finished or stopped runs that saved intermediate adapters."""
-    out = []
-    runs = data_dir / "runs"
-    for run in sorted(runs.iterdir() if runs.is_dir() else [], reverse=True):
-        if run.name in busy or not any((run / "intermediate").glob("step-*.safetensors")):
-            continue
-        try:
-            cfg = yaml.safe_load((run / "train_config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        out.append((f"{run.name}: {cfg.get('kind', '?')}, {cfg.get('instance_prompt', '')}", run.name))
-    return out
-
-
-def run_analysis(data_dir: Path, job_ids: list[str], busy: set[str]) -> tuple[Path, str]:
-    """ΔM/ΔD plot of the chosen runs → (png, Markdown with the fitted slopes); AnalysisError on bad input."""
-    from dreambooth_dora.tools.analysis import AnalysisError, analyze_runs
-
-    known = {job_id for _, job_id in analysable_runs(data_dir, busy)}
-    chosen = [data_dir / "runs" / j for j in job_ids if j in known]
-    if not chosen:
-        raise AnalysisError("choose at least one run (runs appear here once they have saved intermediate adapters)")
-    out = data_dir / "analysis" / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    result = analyze_runs(chosen, out)
-    lines = ["| run | kind | slope of ΔM over ΔD | within steps (across layers) |", "|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.kind} | {r.slope:.4g} | {r.within_slope:.4g} |" for r in result.runs]
-    lines.append(
-        "\nThe DoRA paper finds the slope negative for DoRA and positive for LoRA (§2.2, Fig. 2). The pooled slope"
-        " also carries training progress (both grow with steps); the within-step one compares layers at the same step."
-    )
-    return result.png_path, "\n".join(lines)

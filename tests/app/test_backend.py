@@ -177,16 +177,6 @@ def test_uploaded_adapter_refusals_change_nothing(data_dir, tiny_sd15, tiny_sdxl
     assert not (data_dir / "adapters").exists() or not any((data_dir / "adapters").iterdir())
 
 
-def test_analysable_runs_need_intermediate_adapters(data_dir):
-    assert ub.analysable_runs(data_dir, set()) == []
-    run = data_dir / "runs" / "20260101-000000-abcdef"
-    (run / "intermediate").mkdir()
-    (run / "intermediate" / "step-000000.safetensors").write_bytes((run / "adapter.safetensors").read_bytes())
-    (run / "train_config.yaml").write_text("kind: dora\ninstance_prompt: a photo of sks heart\n")
-    assert ub.analysable_runs(data_dir, set()) == [(f"{run.name}: dora, a photo of sks heart", run.name)]
-    assert ub.analysable_runs(data_dir, {run.name}) == []
-
-
 def test_a_caption_uploaded_beside_its_image_travels_with_it(tmp_path):
     (tmp_path / "heart_0.txt").write_text("a sks heart on a blue background")
     (tmp_path / "stray.txt").write_text("no image of this name")
