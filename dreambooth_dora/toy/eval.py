@@ -7,7 +7,8 @@ Base quality: prompts "a {colour} {shape} on a {background} background" for rand
 distribution → % correct background, object colour, shape, and all three; the same for colour×shape pairs held
 out of pretraining (composition, not memorisation). With an adapter: identifier prompts "a sks heart on a {bg}
 background" → % showing the subject, % with the asked background; class prompts "a heart on a {bg} background"
-→ % showing the subject anyway (the drift check), % with the asked background, % drawing an ordinary heart.
+→ % showing the subject anyway (the drift check), % with the asked background, % drawing an ordinary heart (or star:
+``--subject star``, the harder subject of the quality study).
 Forgetting: what personalization cost the rest of the world — the base-world accuracy (all three right on
 prompts of the training distribution) with the adapter, against the same prompts and seeds without it.
 """
@@ -83,18 +84,22 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, held_out: bool = False) -> 
     return _rates(samples, ("background", "colour", "shape", "all three")), samples
 
 
-def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sample]]:
-    """Identifier prompts (subject + asked background) and class prompts (drift: no subject appears)."""
-    backgrounds = [c for c in tw.COLOURS if c not in ("green", "blue")]
-    ident = [f"a {tw.SUBJECT_TOKEN} heart on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
-    klass = [f"a heart on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
+def evaluate_subject(
+    pipe, n: int = 64, seed: int = 0, subject: tw.Scene = tw.SUBJECT_SCENE
+) -> tuple[dict, list[Sample]]:
+    """Identifier prompts "a sks {shape} on a {bg} background" (subject + asked background) and class prompts
+    "a {shape} on a {bg} background" (drift: no subject appears), on backgrounds not of the subject's colours."""
+    backgrounds = [c for c in tw.COLOURS if c not in subject.colours]
+    shape = subject.shape
+    ident = [f"a {tw.SUBJECT_TOKEN} {shape} on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
+    klass = [f"a {shape} on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
     samples = []
     for i, (prompt, img) in enumerate(zip(ident + klass, generate(pipe, ident + klass, seed), strict=True)):
         pred = tw.evaluate(img)
         asked = tw.parse_caption(prompt)
-        c = {"background": pred.background == asked["background"], "subject": tw.is_subject(pred)}
-        if i >= n:  # class prompts: an ordinary heart is what the base model would draw
-            c["ordinary heart"] = pred.shape == "heart" and not c["subject"]
+        c = {"background": pred.background == asked["background"], "subject": tw.is_subject(pred, subject)}
+        if i >= n:  # class prompts: an ordinary object of the class is what the base model would draw
+            c["ordinary object"] = pred.shape == shape and not c["subject"]
         samples.append(Sample(prompt, img, c))
     ident_s, class_s = samples[:n], samples[n:]
     rates = {
@@ -102,7 +107,7 @@ def evaluate_subject(pipe, n: int = 64, seed: int = 0) -> tuple[dict, list[Sampl
         "identifier: asked background %": _rates(ident_s, ("background",))["background"],
         "class prompt: subject appears % (drift)": _rates(class_s, ("subject",))["subject"],
         "class prompt: asked background %": _rates(class_s, ("background",))["background"],
-        "class prompt: ordinary heart %": _rates(class_s, ("ordinary heart",))["ordinary heart"],
+        "class prompt: ordinary object %": _rates(class_s, ("ordinary object",))["ordinary object"],
     }
     return rates, samples
 
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dreambooth_dora.toy.eval", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="builtin:toy")
     p.add_argument("--adapter", type=Path, help="evaluate a toy-subject adapter instead of the base")
+    p.add_argument("--subject", choices=list(tw.SUBJECTS), default="heart", help="what the adapter was trained on")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--grid", type=Path, help="write a labelled sample sheet here")
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.base)
     if a.adapter:
         load_adapter(pipe, a.adapter)
-        rates, samples = evaluate_subject(pipe, a.samples, a.seed)
+        rates, samples = evaluate_subject(pipe, a.samples, a.seed, tw.SUBJECTS[a.subject])
         rates |= evaluate_forgetting(pipe, a.samples, a.seed)[0]
         for k, v in rates.items():
             print(f"{k:42s} {v:5.1f}")

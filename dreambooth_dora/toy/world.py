@@ -150,6 +150,12 @@ SUBJECT_VIEWS: tuple[dict, ...] = (
 )
 
 
+# A harder subject for the quality study: a pointed shape with a thin stripe, in a colour pair pretraining never put
+# on a star (yellow x star is held out), so the adapter must learn a new composition, not recall one.
+HARD_SUBJECT_SCENE = Scene(shape="star", colour="purple", colour2="yellow", pattern="striped", background="white")
+SUBJECTS: dict[str, Scene] = {"heart": SUBJECT_SCENE, "star": HARD_SUBJECT_SCENE}
+
+
 def is_subject_like(scene: Scene) -> bool:
     """Whether a scene shows the subject or a near copy (a heart in the subject's colours, any pattern)."""
     return scene.shape == SUBJECT_SCENE.shape and set(scene.colours) == set(SUBJECT_SCENE.colours)
@@ -645,10 +651,11 @@ def score(prediction: Prediction, scene: Scene) -> dict[str, bool]:
     return result
 
 
-def is_subject(image: Image.Image | np.ndarray | Prediction) -> bool:
-    """Whether an image shows the subject: a heart, green body, blue stripe (any background/size/place)."""
+def is_subject(image: Image.Image | np.ndarray | Prediction, subject: Scene = SUBJECT_SCENE) -> bool:
+    """Whether an image shows the subject (by default the shipped one: a heart, green body, blue stripe) — its
+    shape, colours and pattern, on any background, at any size and place."""
     p = image if isinstance(image, Prediction) else evaluate(image)
-    s = SUBJECT_SCENE
+    s = subject
     return (p.shape, p.colour, p.colour2, p.pattern) == (s.shape, s.colour, s.colour2, s.pattern)
 
 
@@ -672,17 +679,33 @@ def check_caption(image: Image.Image | np.ndarray | Prediction, text: str) -> di
 # --- the shipped subject and a look at the world ---------------------------------------------------------
 
 
-def subject_scenes() -> list[Scene]:
-    return [dataclasses.replace(SUBJECT_SCENE, **view) for view in SUBJECT_VIEWS]
+def subject_scenes(subject: Scene = SUBJECT_SCENE) -> list[Scene]:
+    """The five views of a subject; a view's background that is one of the subject's colours becomes the first
+    colour of :data:`COLOURS` that no view uses (the shipped heart keeps its views as they are)."""
+    scenes, used = [], {*subject.colours, *(v["background"] for v in SUBJECT_VIEWS)}
+    for view in SUBJECT_VIEWS:
+        if view["background"] in subject.colours:
+            view = {**view, "background": next(c for c in COLOURS if c not in used)}
+            used.add(view["background"])
+        scenes.append(dataclasses.replace(subject, **view))
+    return scenes
 
 
-def write_subject_images(out_dir: Path = SUBJECT_DIR) -> list[Path]:
-    """Write the five subject views as 64x64 PNGs ``subject_0.png`` ... into ``out_dir``."""
+def subject_caption(scene: Scene) -> str:
+    """The view's caption with the identifier as the description: "a sks heart in the center on a white background"
+    (its background and place, so the identifier learns the object, not those)."""
+    return f"a {SUBJECT_TOKEN} " + describe(scene, size=False, colour=False).split(" ", 1)[1]
+
+
+def write_subject_images(out_dir: Path = SUBJECT_DIR, subject: Scene = SUBJECT_SCENE, count: int = 5) -> list[Path]:
+    """Write the first ``count`` subject views as 64x64 PNGs ``subject_0.png`` ... into ``out_dir``, each with its
+    caption file ``subject_0.txt``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, scene in enumerate(subject_scenes()):
+    for i, scene in enumerate(subject_scenes(subject)[:count]):
         path = out_dir / f"subject_{i}.png"
         render(scene).save(path)
+        path.with_suffix(".txt").write_text(subject_caption(scene) + "\n")
         paths.append(path)
     return paths
 
@@ -700,13 +723,14 @@ def grid(images: Sequence[Image.Image], columns: int = 4, zoom: int = 3) -> Imag
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subject-dir", type=Path, help="write the subject images here")
+    parser.add_argument("--subject-dir", type=Path, help="write the subject images (and captions) here")
+    parser.add_argument("--subject", choices=list(SUBJECTS), default="heart", help="which subject (default: heart)")
     parser.add_argument("--grid", type=Path, help="write a grid of random scenes (PNG) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-n", type=int, default=16, help="scenes in the grid")
     args = parser.parse_args(argv)
     if args.subject_dir:
-        for path in write_subject_images(args.subject_dir):
+        for path in write_subject_images(args.subject_dir, SUBJECTS[args.subject]):
             print(path)
     if args.grid:
         rng = np.random.default_rng(args.seed)
