@@ -132,6 +132,7 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
         return check.describe(), [(str(src), name) for src, name in check.accepted]
 
     files.change(on_files, files, [upload_report, preview], **PRIVATE)
+    _replace_on_new_upload(files, train_message)
     for w in (token, class_word):
         w.change(ub.identifier_prompts, [token, class_word], [instance_prompt, class_prompt], **PRIVATE)
 
@@ -147,6 +148,23 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
     _wire_progress(ctx, job_state, seen_state, followed_state, timer, follow_timer, progress, loss_plot, samples,
                    train_message, settings_widgets)  # fmt: skip
     return TrainTab(base)
+
+
+def _replace_on_new_upload(files: gr.File, message: gr.Markdown) -> None:
+    """A new selection of images replaces the one before (the file widget itself would add it to the list);
+    removing single files with their × still works, and so does clearing."""
+    kept = gr.State([])  # the paths of the last selection
+
+    def on_upload(paths, before):
+        paths = list(paths or [])
+        new = [p for p in paths if p not in set(before)]
+        if before and new and len(new) < len(paths):
+            return new, new, f"Replaced the previous {len(paths) - len(new)} file(s) with the {len(new)} just added."
+        return gr.skip(), paths, gr.skip()
+
+    files.upload(on_upload, [files, kept], [files, kept, message], **PRIVATE)
+    files.delete(lambda paths: list(paths or []), files, kept, **PRIVATE)
+    files.clear(lambda: [], None, kept, **PRIVATE)
 
 
 def start_job(ctx: Shared, args: dict) -> tuple[str, str]:

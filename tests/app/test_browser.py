@@ -323,6 +323,10 @@ def test_journey_upload_train_generate_download_analyse(server, new_page, tmp_pa
     page.locator("#analyze").click()
     expect(page.locator("#analysis-slopes")).to_contain_text(re.compile(rf"{job}\s+dora\s+-?\d"), timeout=60_000)
     expect(page.locator("#analysis-plot img")).to_have_count(1)
+    page.locator("#toy-measure").click()  # the toy evaluator measures runs on builtin:toy only
+    expect(page.locator("#toy-scores")).to_contain_text(
+        re.compile(rf"Cannot measure[\s\S]*{job}: not trained on builtin:toy")
+    )
     snap(page, "analysis")
 
 
@@ -368,7 +372,11 @@ def test_bad_uploads_are_named_and_training_uses_the_good_files(server, new_page
     broken.write_bytes(truncated_jpeg())
     page = new_page()
     open_app(page, server.url)
-    upload(page, [notes, broken, *SMOKE[:2]])
+    upload(page, SMOKE[2:])
+    expect(page.locator("#upload-report")).to_contain_text("2 image(s) ready")
+    upload(page, [notes, broken, *SMOKE[:2]])  # a second selection replaces the first (the widget would add it)
+    expect(page.locator("#train-message")).to_contain_text("Replaced the previous 2 file(s) with the 4 just added")
+    expect(page.locator("#train-images")).not_to_contain_text("heart_2.png")
     report = page.locator("#upload-report")
     expect(report).to_contain_text("2 image(s) ready")
     expect(report).to_contain_text(re.compile(r"notes\.png: not an image"))

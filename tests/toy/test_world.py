@@ -218,6 +218,30 @@ def test_is_subject_rejects_near_misses() -> None:
     assert not any(tw.is_subject(tw.render(scene)) for scene in near_misses)
 
 
+def test_subject_images_are_written_with_the_captions_the_shipped_folder_has(tmp_path) -> None:
+    written = tw.write_subject_images(tmp_path / "heart")
+    for path in written:
+        assert path.with_suffix(".txt").read_text() == (tw.SUBJECT_DIR / path.name).with_suffix(".txt").read_text()
+    assert [p.name for p in tw.write_subject_images(tmp_path / "three", count=3)] == [p.name for p in written[:3]]
+
+
+def test_the_harder_subject_is_recognised_as_itself_and_never_as_the_heart(tmp_path) -> None:
+    star = tw.SUBJECTS["star"]
+    # pretraining never drew it: yellow x star is a held-out pair
+    assert tw.is_excluded(dataclasses.replace(star, background="white"))
+    paths = tw.write_subject_images(tmp_path, star)
+    backgrounds = set()
+    for path in paths:
+        image = Image.open(path)
+        assert tw.is_subject(image, star) and not tw.is_subject(image)
+        backgrounds.add(tw.evaluate(image).background)
+        caption = path.with_suffix(".txt").read_text().strip()
+        assert caption.startswith("a sks star in the ") and tw.parse_caption(caption)["subject"] == "sks"
+    assert len(backgrounds) == 5 and not backgrounds & {"purple", "yellow"}  # views never hide the subject's colours
+    swapped = dataclasses.replace(star, colour="yellow", colour2="purple", background="white")
+    assert not tw.is_subject(tw.render(swapped), star)
+
+
 def test_builtin_toy_loads_offline_in_stock_diffusers_and_draws_what_is_asked():
     """The shipped offline default: a standard diffusers folder that draws the asked object and background
     colours (the background comes from the prompt, not from the initial noise: zero-terminal-SNR schedule)."""
