@@ -5,7 +5,7 @@
     python benchmarks/contention.py --repo ../old-checkout   # the same measurement for another checkout
     python benchmarks/contention.py --env OMP_NUM_THREADS=1  # the trainer with a variable set by hand
 
-The trainer runs as a user runs it — ``python -m dreambooth_dora.train`` with every OMP_* variable removed from the
+The trainer runs as a user runs it — ``python -m dreambooth_dora.train`` with every OMP_* variable (and GOMP_SPINCOUNT) removed from the
 environment, so whatever thread policy the checkout applies by itself is what is measured. The competitor is what
 a second training or the app's generator is: one CPU-bound torch process with 2 threads and the default OpenMP
 settings (matrix products in a loop), started before the trainer and stopped after it. Rounds alternate quiet and
@@ -35,7 +35,8 @@ COMPETITOR = (
 
 
 def _clean_env(repo: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_") and k != "DREAMBOOTH_DORA_AUTO_THREADS"}
+    drop = ("DREAMBOOTH_DORA_AUTO_THREADS", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_") and k not in drop}
     return {**env, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 

@@ -4,7 +4,9 @@ OpenMP threads that busy-wait stall whenever another process shares the cores: a
 slower on a loaded machine with the defaults. So every ``python -m dreambooth_dora.…`` command (and ``python
 app.py``) starts with, unless the user already chose:
 
-- ``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep instead of spinning;
+- ``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=10000``: an idle thread spins a few microseconds, then sleeps.
+  Spinning for milliseconds (the default) stalls a shared machine; never spinning (PASSIVE alone) makes every
+  small operation wait for a sleeping thread to wake — on the toy model 2 such threads ran at half the speed of 1;
 - ``OMP_NUM_THREADS`` = the cores that are free right now (all usable cores minus the ones other processes keep
   busy, measured over a short interval, at least 1); ``--threads N`` on any command sets it explicitly.
 
@@ -23,6 +25,8 @@ import time
 THREADS_FLAG = "--threads"
 AUTO = "DREAMBOOTH_DORA_AUTO_THREADS"  # set when the thread count was chosen here (so it may follow the load)
 _PROBE_S = 0.25  # how long the load of other processes is sampled at start
+SPIN = "GOMP_SPINCOUNT"  # libgomp (torch's OpenMP on Linux): how long an idle thread spins before it sleeps
+SPIN_COUNT = 10_000  # ~10 µs; benchmarks/contention.py measures it against PASSIVE alone and 1 thread
 
 
 def usable_cores() -> int:
@@ -121,6 +125,8 @@ def configure(threads: int | None = None, environ: dict | None = None) -> dict[s
     decided = {}
     if "OMP_WAIT_POLICY" not in env:
         decided["OMP_WAIT_POLICY"] = "PASSIVE"
+        if SPIN not in env:  # libgomp: with PASSIVE alone, no spinning at all
+            decided[SPIN] = str(SPIN_COUNT)
     if threads is not None:
         decided["OMP_NUM_THREADS"] = str(threads)
     elif "OMP_NUM_THREADS" not in env:
@@ -158,7 +164,7 @@ def main() -> int:
     """``python -m dreambooth_dora.threads``: print the policy a command started now would run with."""
     import torch
 
-    own = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
+    own = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", SPIN, "OMP_NUM_THREADS") if k in os.environ}
     how = "chosen from the free cores" if os.environ.get(AUTO) == "1" else "as set"
     print(f"{' '.join(f'{k}={v}' for k, v in own.items())} ({how}); torch uses {torch.get_num_threads()} threads")
     return 0

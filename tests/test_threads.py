@@ -12,7 +12,7 @@ from dreambooth_dora import threads
 
 def _command(*args: str, **env: str) -> str:
     """``python -m dreambooth_dora.threads ARGS`` with the OpenMP variables removed, then ``env`` added."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_") and k != threads.AUTO}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OMP_") and k not in (threads.AUTO, threads.SPIN)}
     out = subprocess.run(
         [sys.executable, "-m", "dreambooth_dora.threads", *args],
         env={**base, **env},
@@ -25,7 +25,7 @@ def _command(*args: str, **env: str) -> str:
 
 def test_a_command_sleeps_idle_threads_and_fits_the_free_cores():
     line = _command()
-    assert line.startswith("OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=")
+    assert line.startswith("OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 OMP_NUM_THREADS=")
     chosen = int(line.split("OMP_NUM_THREADS=")[1].split()[0])
     assert 1 <= chosen <= threads.usable_cores()
     assert "chosen from the free cores" in line and f"torch uses {chosen} threads" in line
@@ -35,8 +35,9 @@ def test_the_users_settings_win():
     assert _command(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1") == (
         "OMP_WAIT_POLICY=ACTIVE OMP_NUM_THREADS=1 (as set); torch uses 1 threads"
     )
-    assert _command("--threads", "1").startswith("OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 (as set)")
-    assert _command("--threads=1", OMP_NUM_THREADS="2").startswith("OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 ")
+    assert _command("--threads", "1").startswith("OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 OMP_NUM_THREADS=1 (as")
+    assert _command("--threads=1", OMP_NUM_THREADS="2").startswith("OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10000 O")
+    assert _command(GOMP_SPINCOUNT="0").startswith("OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0 ")
 
 
 def test_importing_the_package_from_a_script_changes_nothing():
@@ -56,8 +57,10 @@ def test_requested_reads_the_flag(argv, expected):
 
 def test_configure_writes_only_what_the_user_left_open():
     env = {"OMP_NUM_THREADS": "7"}
-    assert threads.configure(environ=env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env == {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.configure(environ=env) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+    assert env == {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+    env = {"OMP_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}  # the user's policy, with libgomp's own spin count
+    assert threads.configure(environ=env) == {} and "GOMP_SPINCOUNT" not in env
     env = {}
     decided = threads.configure(environ=env)
     assert decided[threads.AUTO] == "1" and 1 <= int(decided["OMP_NUM_THREADS"]) <= threads.usable_cores()
