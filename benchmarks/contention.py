@@ -5,11 +5,11 @@
     python benchmarks/contention.py --repo ../old-checkout   # the same measurement for another checkout
     python benchmarks/contention.py --env OMP_NUM_THREADS=1  # the trainer with a variable set by hand
 
-The trainer runs as a user runs it — ``python -m dreambooth_dora.train`` with every OMP_* variable (and GOMP_SPINCOUNT) removed from the
-environment, so whatever thread policy the checkout applies by itself is what is measured. The competitor is what
-a second training or the app's generator is: one CPU-bound torch process with 2 threads and the default OpenMP
-settings (matrix products in a loop), started before the trainer and stopped after it. Rounds alternate quiet and
-contended runs, so slow drifts of the machine's background load hit both.
+The trainer runs as a user runs it — ``python -m dreambooth_dora.train`` with every OMP_* variable (and
+GOMP_SPINCOUNT) removed from the environment, so whatever thread policy the checkout applies by itself is measured.
+The competitor is what a second training or the app's generator is: one CPU-bound torch process with 2 threads and
+the default OpenMP settings (matrix products in a loop), started before the trainer and stopped after it.
+Rounds alternate quiet and contended runs, so slow drifts of the machine's background load hit both.
 
 Steps/s is read from the run's log.csv between step --skip and the last step (the loop's own time, without model
 loading); --quickstart measures the whole command's wall time instead (class images included).
