@@ -363,17 +363,21 @@ def main() -> None:
                         over = v.overrides(lr, seed, out, args.out, args.steps)
                         with class_images_lock(args.out, v.subject):
                             train(load_config(CONFIG, overrides=list(v.sets), **over))
-                    entry = scores(pipe, out, v.scene, args.samples, args.curve)
-                    rates = entry["final"]
+                    # the curve (fidelity at each quarter) only at the lr the table reports: not while choosing it
+                    rates = scores(pipe, out, v.scene, args.samples, args.curve and len(todo) == 1)["final"]
                     found[(v.label, lr, seed)] = rates
                     results.setdefault((v.label, lr), []).append(rates)
                     runs.setdefault((v.label, lr), []).append(out)
-                    if "curve" in entry:
-                        curves.setdefault((v.label, lr), []).append(entry["curve"])
                     print(
                         f"{v.label} lr {lr:g} seed {seed}: " + ", ".join(f"{k} {x:.0f}" for k, x in rates.items()),
                         f"({time.perf_counter() - t0:.0f} s)",
                         flush=True,
+                    )
+            if args.curve:
+                chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found) if len(lrs) > 1 else lrs[0]
+                for out in runs.get((v.label, chosen), []):
+                    curves.setdefault((v.label, chosen), []).append(
+                        scores(pipe, out, v.scene, args.samples, True)["curve"]
                     )
     report(args, base_cfg, pipe, variants, results, curves, runs, t0)
 
