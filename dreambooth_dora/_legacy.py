@@ -35,7 +35,7 @@ MOVED = {
     "builtin.toy_pretrain": "toy.pretrain",
 }
 SPLIT = {
-    "ui_backend": "dreambooth_dora.app (uploads, form, presets, registry, progress, analysis_runs)",
+    "ui_backend": "dreambooth_dora.app (backend: uploads, form, presets, progress; registry; analysis)",
 }
 
 

@@ -9,7 +9,7 @@ import gradio as gr
 
 from dreambooth_dora.adapters.inject import AdapterError
 from dreambooth_dora.adapters.readers import readers_text
-from dreambooth_dora.app import backend as ub
+from dreambooth_dora.app import registry
 from dreambooth_dora.app.form import DESTINATION_CHOICES
 from dreambooth_dora.app.shared import PRIVATE, Shared, error_text
 from dreambooth_dora.sd.pipelines import ModelLoadError
@@ -34,8 +34,8 @@ def _download(path: Path | None, readers: tuple[str, ...], what: str):
 
 def build(ctx: Shared) -> None:
     with gr.Tab("Adapters", id="adapters") as tab:
-        table = gr.Dataframe(ub.adapter_table([]), interactive=False, wrap=True, elem_id="adapter-table",
-                             column_widths=list(ub.TABLE_WIDTHS))  # fmt: skip
+        table = gr.Dataframe(registry.adapter_table([]), interactive=False, wrap=True, elem_id="adapter-table",
+                             column_widths=list(registry.TABLE_WIDTHS))  # fmt: skip
         with gr.Row():
             pick = gr.Dropdown([], label="Adapter", elem_id="adapter-pick", scale=2)
             dl_native = gr.DownloadButton("Download adapter", interactive=False, elem_id="download-native")
@@ -53,7 +53,11 @@ def build(ctx: Shared) -> None:
     def refresh(text=None):
         entries = ctx.adapters()
         choices = [(e.label, e.key) for e in entries]
-        return ub.adapter_table(entries), gr.update(choices=choices, value=None), gr.skip() if text is None else text
+        return (
+            registry.adapter_table(entries),
+            gr.update(choices=choices, value=None),
+            gr.skip() if text is None else text,
+        )
 
     tab.select(refresh, None, [table, pick, message], **PRIVATE)
 
@@ -74,7 +78,7 @@ def build(ctx: Shared) -> None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
             with ctx.engine.lock:
-                entry = ub.add_uploaded_adapter(
+                entry = registry.add_uploaded_adapter(
                     Path(path), ctx.data_dir, ctx.engine.studio.pipe, ctx.engine.studio.base
                 )
         except AdapterError as e:
@@ -88,7 +92,7 @@ def build(ctx: Shared) -> None:
         if entry is None:
             return refresh("Choose an adapter first.")
         try:
-            _, text = ub.convert_for(entry, to, ctx.data_dir, ctx.engine.studio.base)
+            _, text = registry.convert_for(entry, to, ctx.data_dir, ctx.engine.studio.base)
         except (ConvertError, AdapterError, ModelLoadError) as e:
             return refresh(error_text("Cannot convert", e))
         return refresh(text)
@@ -100,7 +104,7 @@ def build(ctx: Shared) -> None:
         if entry is None:
             return refresh("Choose an adapter first." if key is None else None)
         try:
-            return refresh(ub.delete_adapter(entry, ctx.busy()))
+            return refresh(registry.delete_adapter(entry, ctx.busy()))
         except ConfigError as e:
             return refresh(error_text("Cannot delete", e))
 

@@ -1,6 +1,6 @@
 """What the browser app (``app.py``) does besides widgets, testable without a browser:
-upload intake, the training form → config, presets, the adapter registry and progress text (the Analysis tab's
-logic is app/analysis.py).
+upload intake, the training form → config, presets and progress text (the adapter registry is app/registry.py,
+the Analysis tab's logic app/analysis.py).
 
 Folders under the app's data dir:
     runs/<job id>/          one training job (jobs.JobManager): instance_images/, adapter*.safetensors, samples/…
@@ -16,25 +16,18 @@ See docs/ARCHITECTURE.md (The browser app, Reliability).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
-import time
 import unicodedata
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
-from safetensors import safe_open
 
-from dreambooth_dora.adapters.io import OUR_KEY, AdapterFileError, read_adapter_file
-from dreambooth_dora.adapters.readers import HEADER_KEY, LABELS, readers_text
 from dreambooth_dora.app import form
 from dreambooth_dora.app.jobs import JobView
-from dreambooth_dora.runs import RunFolder
 from dreambooth_dora.shipped import PRESETS_DIR, SAMPLE_DATA_DIR
 from dreambooth_dora.training.config import FIELDS, ConfigError, TrainConfig, read_yaml, validate
 from dreambooth_dora.training.data import IMAGE_EXTENSIONS, DataError, load_image
@@ -43,7 +36,6 @@ MAX_UPLOAD_FILES = 50
 MAX_FILE_BYTES = 20 * 2**20  # per image: any camera JPEG, far below a decompression-bomb PNG
 MAX_TOTAL_BYTES = 200 * 2**20
 MAX_CAPTION_BYTES = 64 * 2**10
-MAX_ADAPTER_BYTES = 2**30  # SDXL rank 128 with the text encoders is ~0.9 GB in fp32
 IDENTIFIER_TOKENS = ("sks", "ohwx", "zwx", "xjy")  # rare tokens: the model knows little about them
 # The settings the Train tab shows (app/form.py); a preset fills these, its prompts, and its other keys
 # (schedulers, precision, …) go into the tab's "Other settings" box.
@@ -55,7 +47,7 @@ _NOT_FROM_PRESET = {
 }  # fmt: skip
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -123,9 +115,9 @@ def check_uploads(paths: Sequence[str | Path] | None) -> UploadCheck:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
             check.rejected.append((shown, f"not an image file name (accepted: {exts})"))
         elif size > MAX_FILE_BYTES:
-            check.rejected.append((shown, f"too large ({_size(size)} > {_size(MAX_FILE_BYTES)} per file)"))
+            check.rejected.append((shown, f"too large ({size_text(size)} > {size_text(MAX_FILE_BYTES)} per file)"))
         elif total + size > MAX_TOTAL_BYTES:
-            check.rejected.append((shown, f"over the {_size(MAX_TOTAL_BYTES)} total for one training"))
+            check.rejected.append((shown, f"over the {size_text(MAX_TOTAL_BYTES)} total for one training"))
         else:
             try:
                 load_image(src)
@@ -318,183 +310,3 @@ def loss_frame(view: JobView | None) -> pd.DataFrame:
     """Loss per step for gr.LinePlot (which needs a DataFrame)."""
     rows = view.losses if view is not None else []
     return pd.DataFrame(rows, columns=["step", "loss"], dtype=float)
-
-
-# -- the adapter registry --------------------------------------------------------------------------------------
-
-
-@dataclass
-class AdapterEntry:
-    key: str  # "run:<job id>" or "upload:<file name>": what the UI sends back
-    name: str
-    source: str  # "trained" | "uploaded"
-    path: Path
-    kohya_path: Path | None
-    base: str
-    kind: str
-    rank: int | str
-    steps: int | str
-    date: str
-    size: int
-    readers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # file name -> readers that apply it exactly
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.kind}, {self.base})"
-
-    @property
-    def native_path(self) -> Path | None:
-        return self.path if self.path != self.kohya_path else None
-
-    def readers_line(self) -> str:
-        """``adapter_kohya.safetensors: this project, ComfyUI, A1111, Forge`` per file, for the table."""
-        return "; ".join(f"{name}: {readers_text(r) if r else 'not recorded'}" for name, r in self.readers.items())
-
-
-def _metadata(path: Path) -> dict:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return f.metadata() or {}
-
-
-def _header(path: Path) -> dict:
-    return json.loads(_metadata(path).get(OUR_KEY, "{}") or "{}")
-
-
-def exact_in(path: Path) -> tuple[str, ...]:
-    """The readers a file's header says apply it exactly (files by this project record it; others: empty)."""
-    try:
-        value = json.loads(_metadata(path).get(HEADER_KEY, "[]") or "[]")
-    except (ValueError, OSError):
-        return ()
-    return tuple(str(v) for v in value) if isinstance(value, list) else ()
-
-
-def _date(path: Path) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
-
-
-def _run_entries(folder: Path | None, key: str, source: str) -> list[AdapterEntry]:
-    """The adapters of the run folders directly under ``folder`` (newest name first)."""
-    out = []
-    for run in sorted(folder.iterdir() if folder is not None and folder.is_dir() else [], reverse=True):
-        native, kohya = RunFolder(run).adapter, RunFolder(run).kohya_adapter
-        path = native if native.is_file() else kohya  # input-axis runs write the kohya file only
-        if not path.is_file():
-            continue
-        try:
-            meta = _header(path)
-            readers = {p.name: exact_in(p) for p in (native, kohya) if p.is_file()}
-        except Exception:  # a file being replaced right now, or damaged on disk: listed next time
-            continue
-        prompt = str(meta.get("instance_prompt") or "")
-        out.append(AdapterEntry(
-            f"{key}:{run.name}", f"{prompt} · {run.name}" if prompt else run.name, source, path,
-            kohya if kohya.is_file() else None, str(meta.get("base_model", "?")), str(meta.get("kind", "?")),
-            meta.get("rank", "?"), meta.get("steps", "?"), _date(path), path.stat().st_size, readers,
-        ))  # fmt: skip
-    return out
-
-
-def list_adapters(data_dir: Path, cli_runs: Path | None = None) -> list[AdapterEntry]:
-    """The app's trained runs (newest first), then runs of the command-line trainer found in ``cli_runs`` (the
-    server's --runs-dir, e.g. outputs/), then uploaded adapters."""
-    out = _run_entries(data_dir / "runs", "run", "trained") + _run_entries(cli_runs, "cli", "command line")
-    uploads = data_dir / "adapters"
-    for path in sorted(uploads.glob("*.safetensors") if uploads.is_dir() else []):
-        side = path.with_suffix(".json")
-        info = json.loads(side.read_text()) if side.is_file() else {}
-        out.append(AdapterEntry(
-            f"upload:{path.name}", path.stem, "uploaded", path, None, info.get("base", "?"), info.get("kind", "?"),
-            info.get("rank", "?"), info.get("steps", "?"), _date(path), path.stat().st_size,
-            {path.name: exact_in(path)},
-        ))  # fmt: skip
-    return out
-
-
-def find_adapter(data_dir: Path, key: str | None, cli_runs: Path | None = None) -> AdapterEntry | None:
-    return next((e for e in list_adapters(data_dir, cli_runs) if e.key == key), None)
-
-
-TABLE_COLUMNS = ("name", "files: exact in", "source", "base", "kind", "rank", "steps", "date", "size")
-TABLE_WIDTHS = ("24%", "26%", "7%", "11%", "6%", "5%", "5%", "9%", "7%")
-
-
-def adapter_table(entries: list[AdapterEntry]) -> pd.DataFrame:
-    rows = [
-        (e.name, e.readers_line(), e.source, e.base, e.kind, e.rank, e.steps, e.date, _size(e.size)) for e in entries
-    ]
-    columns = list(TABLE_COLUMNS)
-    return pd.DataFrame([[str(v) for v in r] for r in rows], columns=columns)
-
-
-def add_uploaded_adapter(src: Path, data_dir: Path, pipe, base_name: str) -> AdapterEntry:
-    """Validate an uploaded adapter against the loaded base ``pipe`` and keep a copy; AdapterFileError when it
-    is not a safetensors adapter for this base. Only safetensors are read (pickles are refused by content)."""
-    src = Path(src)
-    name = safe_filename(src.name, default="adapter")
-    if not name.endswith(".safetensors"):
-        raise AdapterFileError(
-            f"{name}: only .safetensors adapter files are accepted (.ckpt/.pt/.bin files are pickles, which "
-            "can run code when loaded); convert it to safetensors with a tool you trust"
-        )
-    if src.stat().st_size > MAX_ADAPTER_BYTES:
-        raise AdapterFileError(f"{name}: {_size(src.stat().st_size)} is over the {_size(MAX_ADAPTER_BYTES)} limit")
-    parsed = read_adapter_file(src, pipe)  # header, keys, shapes, architecture, NaN: raises with the reason
-    folder = data_dir / "adapters"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = unique_path(folder, name)
-    tmp = folder / f".{uuid.uuid4().hex}.part"
-    shutil.copyfile(src, tmp)
-    tmp.replace(target)
-    ranks = sorted({int(t.A.shape[0]) for t in parsed.layers.values() if t.A is not None})
-    info = {
-        "base": str(parsed.metadata.get("base_model") or f"checked on {base_name}"),
-        "kind": parsed.kind,
-        "rank": ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks)),
-        "steps": parsed.metadata.get("steps", "?"),
-        "format": parsed.format,
-        "original_name": src.name,
-    }
-    target.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    return find_adapter(data_dir, f"upload:{target.name}")
-
-
-def convert_for(entry: AdapterEntry, to: str, data_dir: Path, loaded_base: str) -> tuple[AdapterEntry, str]:
-    """Convert an adapter for destination ``to`` into the uploaded adapters (tools.convert: exact when only the
-    layout changes, else a re-fit of the other DoRA axis against the base); (new entry, Markdown report).
-    ConvertError / AdapterFileError when it cannot."""
-    from dreambooth_dora.tools.convert import convert_adapter
-
-    base = entry.base if entry.base not in ("?", "") and not entry.base.startswith("checked on ") else loaded_base
-    folder = data_dir / "adapters"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = unique_path(folder, safe_filename(f"{entry.path.stem}_for_{to}.safetensors"))
-    report = convert_adapter(entry.path, target, to, base=base)
-    info = {"base": base, "kind": report.kind, "rank": entry.rank, "steps": entry.steps, "format": report.layout,
-            "original_name": entry.path.name}  # fmt: skip
-    target.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    how = (
-        f"re-fitted to the {report.axis} axis: {report.overall_error:.1%} of the learned update lost (0 = exact; a "
-        "merged checkpoint is the exact route)"
-        if report.refit
-        else "an exact rewrite"
-    )
-    text = (
-        f"**Converted** {entry.name} for {LABELS[to]}: `{target.name}`, {how}; exact in {readers_text(report.readers)}."
-    )
-    return find_adapter(data_dir, f"upload:{target.name}"), text
-
-
-def delete_adapter(entry: AdapterEntry, busy: set[str]) -> str:
-    """Delete an uploaded file, or a trained run's whole folder (unless its job is queued or running)."""
-    if entry.source == "uploaded":
-        entry.path.unlink(missing_ok=True)
-        entry.path.with_suffix(".json").unlink(missing_ok=True)
-        return f"deleted {entry.name}"
-    run = entry.path.parent
-    if entry.source != "trained":
-        raise ConfigError(f"{run} was trained from the command line: the app does not delete it; remove the folder")
-    if run.name in busy:
-        raise ConfigError(f"{run.name} is training or queued; stop it before deleting it")
-    shutil.rmtree(run)
-    return f"deleted run {run.name} (adapter, checkpoints and samples)"

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from dreambooth_dora import threads
-from dreambooth_dora.app import adapters_tab, analysis_tab, generate_tab, train_tab
+from dreambooth_dora.app import adapters_tab, analysis_tab, generate_tab, registry, train_tab
 from dreambooth_dora.app import backend as ub
 from dreambooth_dora.app.jobs import JobManager
 from dreambooth_dora.app.shared import PRIVATE, Engine, Shared
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, auth=auth, share=args.share, prevent_thread_lock=True,
         theme=gr.themes.Soft(), css=CSS, allowed_paths=allowed,
-        max_file_size=ub.MAX_ADAPTER_BYTES,
+        max_file_size=registry.MAX_ADAPTER_BYTES,
     )  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):  # Gradio does not stop child processes: we do
         signal.signal(sig, lambda *_: stop_requested.set())

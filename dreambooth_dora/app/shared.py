@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from dreambooth_dora.app import backend as ub
+from dreambooth_dora.app import registry
 from dreambooth_dora.app.jobs import JobManager, JobView
 from dreambooth_dora.tools.generate import Studio
 
@@ -48,11 +48,11 @@ class Shared:
         """Ids of the jobs that are queued, running or stopping."""
         return {v.id for v in self.manager.jobs() if v.status in LIVE}
 
-    def adapters(self) -> list[ub.AdapterEntry]:
-        return ub.list_adapters(self.data_dir, self.cli_runs)
+    def adapters(self) -> list[registry.AdapterEntry]:
+        return registry.list_adapters(self.data_dir, self.cli_runs)
 
-    def adapter(self, key: str | None) -> ub.AdapterEntry | None:
-        return ub.find_adapter(self.data_dir, key, self.cli_runs) if key else None
+    def adapter(self, key: str | None) -> registry.AdapterEntry | None:
+        return registry.find_adapter(self.data_dir, key, self.cli_runs) if key else None
 
     def base_line(self) -> str:
         size = self.engine.studio.native_size

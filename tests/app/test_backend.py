@@ -10,6 +10,7 @@ from PIL import Image
 from dreambooth_dora import add_adapter, save_adapter
 from dreambooth_dora.adapters.io import AdapterFileError
 from dreambooth_dora.app import backend as ub
+from dreambooth_dora.app import registry
 from dreambooth_dora.app.jobs import JobView
 from dreambooth_dora.training.config import ConfigError
 from tests.helpers import SMOKE_SUBJECT
@@ -144,22 +145,22 @@ def data_dir(tmp_path, tiny_sd15):
 
 
 def test_registry_lists_trained_and_uploaded_adapters(data_dir, tiny_sd15, tmp_path_factory):
-    (entry,) = ub.list_adapters(data_dir)
+    (entry,) = registry.list_adapters(data_dir)
     assert entry.key == "run:20260101-000000-abcdef" and entry.kohya_path.is_file()
     assert (entry.base, entry.kind, entry.rank, entry.steps) == ("builtin:tiny-sd15", "dora", 4, 5)
     upload = tmp_path_factory.mktemp("up") / "My Adapter.safetensors"
     upload.write_bytes(entry.path.read_bytes())
-    added = ub.add_uploaded_adapter(upload, data_dir, tiny_sd15, "builtin:tiny-sd15")
+    added = registry.add_uploaded_adapter(upload, data_dir, tiny_sd15, "builtin:tiny-sd15")
     assert added.key == "upload:My_Adapter.safetensors" and added.path.parent == data_dir / "adapters"
-    table = ub.adapter_table(ub.list_adapters(data_dir))
+    table = registry.adapter_table(registry.list_adapters(data_dir))
     assert list(table["source"]) == ["trained", "uploaded"] and list(table["rank"]) == ["4", "4"]
-    assert ub.find_adapter(data_dir, "upload:../../x") is None
-    ub.delete_adapter(added, set())
-    assert not added.path.exists() and len(ub.list_adapters(data_dir)) == 1
+    assert registry.find_adapter(data_dir, "upload:../../x") is None
+    registry.delete_adapter(added, set())
+    assert not added.path.exists() and len(registry.list_adapters(data_dir)) == 1
     with pytest.raises(ConfigError, match="training or queued"):
-        ub.delete_adapter(entry, {"20260101-000000-abcdef"})
-    ub.delete_adapter(entry, set())
-    assert ub.list_adapters(data_dir) == [] and not (data_dir / "runs" / "20260101-000000-abcdef").exists()
+        registry.delete_adapter(entry, {"20260101-000000-abcdef"})
+    registry.delete_adapter(entry, set())
+    assert registry.list_adapters(data_dir) == [] and not (data_dir / "runs" / "20260101-000000-abcdef").exists()
 
 
 def test_uploaded_adapter_refusals_change_nothing(data_dir, tiny_sd15, tiny_sdxl, tmp_path_factory):
@@ -167,13 +168,13 @@ def test_uploaded_adapter_refusals_change_nothing(data_dir, tiny_sd15, tiny_sdxl
     add_adapter(tiny_sdxl, rank=4)
     save_adapter(tiny_sdxl, up / "xl.safetensors")
     with pytest.raises(AdapterFileError, match="trained for SDXL"):
-        ub.add_uploaded_adapter(up / "xl.safetensors", data_dir, tiny_sd15, "builtin:tiny-sd15")
+        registry.add_uploaded_adapter(up / "xl.safetensors", data_dir, tiny_sd15, "builtin:tiny-sd15")
     (up / "evil.safetensors").write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(AdapterFileError, match="pickle"):
-        ub.add_uploaded_adapter(up / "evil.safetensors", data_dir, tiny_sd15, "builtin:tiny-sd15")
+        registry.add_uploaded_adapter(up / "evil.safetensors", data_dir, tiny_sd15, "builtin:tiny-sd15")
     (up / "model.ckpt").write_bytes(b"whatever")
     with pytest.raises(AdapterFileError, match="only .safetensors"):
-        ub.add_uploaded_adapter(up / "model.ckpt", data_dir, tiny_sd15, "builtin:tiny-sd15")
+        registry.add_uploaded_adapter(up / "model.ckpt", data_dir, tiny_sd15, "builtin:tiny-sd15")
     assert not (data_dir / "adapters").exists() or not any((data_dir / "adapters").iterdir())
 
 
@@ -205,11 +206,11 @@ def test_runs_of_the_command_line_trainer_are_listed_and_not_deleted(tmp_path):
     add_adapter(pipe, rank=2)
     save_adapter(pipe, run / "adapter.safetensors", metadata={"instance_prompt": "a photo of sks dog"})
     (tmp_path / "outputs" / "app").mkdir()  # the app's own data folder: not a run
-    entries = ub.list_adapters(tmp_path / "data", tmp_path / "outputs")
+    entries = registry.list_adapters(tmp_path / "data", tmp_path / "outputs")
     assert [(e.key, e.source, e.name) for e in entries] == [
         ("cli:my_dog", "command line", "a photo of sks dog · my_dog")
     ]
     assert entries[0].readers == {"adapter.safetensors": ("dreambooth_dora", "diffusers", "peft")}
     with pytest.raises(ConfigError, match="trained from the command line: the app does not delete it"):
-        ub.delete_adapter(entries[0], set())
+        registry.delete_adapter(entries[0], set())
     assert (run / "adapter.safetensors").is_file()
