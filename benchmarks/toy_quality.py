@@ -500,7 +500,8 @@ def write_plots(folder: Path, variants, results, curves, best, tables) -> None:
             sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*vals, strict=True)]
             c = colours.get(v.kind)
             ax.plot(steps, m, marker="o", color=c, label=f"{v.kind} lr {lr:g}")
-            low, high = [a - b for a, b in zip(m, sd, strict=True)], [a + b for a, b in zip(m, sd, strict=True)]
+            low = [max(0.0, a - b) for a, b in zip(m, sd, strict=True)]
+            high = [min(100.0, a + b) for a, b in zip(m, sd, strict=True)]
             ax.fill_between(steps, low, high, color=c, alpha=0.15)
         ax.set_title(f"rank {rank}")
         ax.set_xlabel("step")
