@@ -85,6 +85,7 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
         job_state = gr.State("")  # the job this browser watches
         seen_state = gr.State(None)  # what the progress widgets show now (skip unchanged ticks)
         followed_state = gr.State("")  # the running job this page last knew of
+        selection_state = gr.State([])  # the paths of the last image selection (a new one replaces it)
         timer = gr.Timer(TICK_S, active=False)
         follow_timer = gr.Timer(FOLLOW_S)
         with gr.Row():
@@ -132,7 +133,7 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
         return check.describe(), [(str(src), name) for src, name in check.accepted]
 
     files.change(on_files, files, [upload_report, preview], **PRIVATE)
-    _replace_on_new_upload(files, train_message)
+    _replace_on_new_upload(files, selection_state, train_message)
     for w in (token, class_word):
         w.change(ub.identifier_prompts, [token, class_word], [instance_prompt, class_prompt], **PRIVATE)
 
@@ -150,10 +151,10 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
     return TrainTab(base)
 
 
-def _replace_on_new_upload(files: gr.File, message: gr.Markdown) -> None:
+def _replace_on_new_upload(files: gr.File, kept: gr.State, message: gr.Markdown) -> None:
     """A new selection of images replaces the one before (the file widget itself would add it to the list);
-    removing single files with their × still works, and so does clearing."""
-    kept = gr.State([])  # the paths of the last selection
+    removing single files with their × still works, and so does clearing. ``kept`` holds the last selection
+    (made inside the tab: a component created between tabs breaks Gradio's tab bar)."""
 
     def on_upload(paths, before):
         paths = list(paths or [])
