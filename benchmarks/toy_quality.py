@@ -446,40 +446,45 @@ def study_tables(args, variants, results, best) -> dict[str, list[str]]:
 
 
 def write_plots(folder: Path, variants, results, curves, best, tables) -> None:
-    """fidelity_vs_rank.png (per case, mean ± std over seeds at each method's best lr), fidelity_vs_steps.png (per
-    rank, the main case), and tables.md (every table above)."""
+    """fidelity_vs_rank.png (subject fidelity and forgetting per case, mean ± std over seeds at each method's best
+    lr), fidelity_vs_steps.png (per rank, the main case), and tables.md (every table above)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    cases = list(dict.fromkeys(_case(v) for v in variants))
+    cases = list(dict.fromkeys(_case(v) for v in variants if v.label in best))
     colours = {"dora": "tab:blue", "lora": "tab:orange", "full": "tab:green"}
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 3.6), squeeze=False, sharey=True)
-    for ax, case in zip(axes[0], cases, strict=True):
-        for kind in dict.fromkeys(v.kind for v in variants):
-            pts = []
-            for v in variants:
-                if _case(v) == case and v.kind == kind and v.label in best:
-                    vals = [r[METRICS["subject %"]] for r in results[(v.label, best[v.label][0])]]
-                    pts.append((v.rank, *mean_sd(vals)))
-            if pts:
-                pts.sort()
-                x, m, sd = zip(*pts, strict=True)
-                ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=kind, color=colours.get(kind))
-        ax.set_xscale("log", base=2)
-        ax.set_title(case)
-        ax.set_xlabel("rank")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("subject fidelity % (mean ± std over seeds)")
+    panels = (("subject %", "subject fidelity %"), ("forgetting", "forgetting (points)"))
+    fig, axes = plt.subplots(len(panels), len(cases), figsize=(4.5 * len(cases), 6.4), squeeze=False, sharex=True)
+    for col, case in enumerate(cases):
+        for row, (metric, title) in enumerate(panels):
+            ax = axes[row][col]
+            for kind in dict.fromkeys(v.kind for v in variants):
+                pts = []
+                for v in variants:
+                    if _case(v) == case and v.kind == kind and v.label in best:
+                        vals = [r[METRICS[metric]] for r in results[(v.label, best[v.label][0])]]
+                        pts.append((v.rank, *mean_sd(vals)))
+                if pts:
+                    pts.sort()
+                    x, m, sd = zip(*pts, strict=True)
+                    ax.errorbar(x, m, yerr=sd, marker="o", capsize=3, label=kind, color=colours.get(kind))
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{case}: {title}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(f"{title}, mean ± std over seeds", fontsize=8)
+        axes[-1][col].set_xlabel("rank (each method at its best lr)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(folder / "fidelity_vs_rank.png", dpi=110)
     plt.close(fig)
 
     main_case = _case(Variant("dora", "out", "none", ()))
-    ranks = sorted({v.rank for v in variants if _case(v) == main_case})
+    ranks = sorted(
+        {v.rank for v in variants if _case(v) == main_case and curves.get((v.label, best.get(v.label, (0,))[0]))}
+    )
     fig, axes = plt.subplots(1, len(ranks), figsize=(3.4 * len(ranks), 3.2), squeeze=False, sharey=True)
     for ax, rank in zip(axes[0], ranks, strict=True):
         for v in variants:
