@@ -107,7 +107,7 @@ def test_build_config_from_the_form_and_presets():
                            "validation_prompt": "a sks heart on a yellow background"}  # fmt: skip
     assert toy.images is not None and len(ub.check_uploads(sorted(toy.images.iterdir())).captions) == 5
     assert "snr_gamma: 5.0" in toy.other and "instance_data_dir" not in toy.other
-    assert toy.purpose.endswith("About 6 minutes on 2 idle CPU cores.")
+    assert toy.purpose.endswith("(188 s measured, class images, validation images and checkpoints included).")
     with pytest.raises(ConfigError, match="Other settings: not valid YAML"):
         ub.parse_other_settings("lr_scheduler: [1")
     with pytest.raises(ConfigError, match="unknown setting"):
