@@ -195,19 +195,25 @@ def test_strength_semantics_and_two_adapters_add():
     assert list_adapters(m)["one"].scale == 1.0
 
 
+def _count_calls(monkeypatch, method: str) -> dict:
+    """Count calls of ``torch.Tensor.<method>`` in ``calls["n"]`` (reset it by hand)."""
+    calls = {"n": 0}
+    orig = getattr(torch.Tensor, method)
+
+    def counting(t, *args, **kwargs):
+        calls["n"] += 1
+        return orig(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, method, counting)
+    return calls
+
+
 def test_norm_is_computed_once_per_optimizer_step(monkeypatch):
     m = _block()
     add_adapter(m, rank=4, targets=["to_q"])
     _perturb(m)
     a = m.attn.to_q.adapters["default"]
-    calls = {"n": 0}
-    orig = torch.Tensor.sqrt
-
-    def counting_sqrt(t):
-        calls["n"] += 1
-        return orig(t)
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", counting_sqrt)
+    calls = _count_calls(monkeypatch, "sqrt")
     x = torch.randn(4, 64)
     for fused in (False, True):
         opt = torch.optim.AdamW(adapter_parameters(m), lr=1e-2, fused=fused, foreach=None if fused else True)
@@ -230,14 +236,7 @@ def test_frozen_w0_square_sums_outlive_optimizer_steps(monkeypatch):
     add_adapter(m, rank=4, targets=["to_q"])
     _perturb(m)
     layer = m.attn.to_q
-    calls = {"n": 0}
-    orig = torch.Tensor.square
-
-    def counting_square(t):
-        calls["n"] += 1
-        return orig(t)
-
-    monkeypatch.setattr(torch.Tensor, "square", counting_square)
+    calls = _count_calls(monkeypatch, "square")
     x = torch.randn(4, 64)
     opt = torch.optim.AdamW(adapter_parameters(m), lr=1e-2)
     for _ in range(3):
