@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import statistics
 import sys
@@ -91,7 +92,7 @@ CONFIG = ROOT / "training_configs" / "toy_subject.yaml"
 # Keys the script sets per run: --set may not change them (use --kinds, --axes, --lrs, --seeds, --quantize, …).
 OWN_KEYS = {
     "kind", "axis", "use_in", "learning_rate", "seed", "quantize_base", "output_dir", "class_data_dir", "rank",
-    "alpha", "instance_data_dir", "instance_prompt", "class_prompt",
+    "alpha", "instance_data_dir", "instance_prompt",
 }  # fmt: skip
 PRESET_RANK = load_config(CONFIG).rank
 
@@ -126,6 +127,8 @@ class Variant:
 
     def folder(self, out: Path, lr: float, seed: int) -> Path:
         sets = "".join(f"_{pair.replace('/', '-')}" for pair in self.sets)
+        if len(sets) > 60:  # a list of class prompts: the folder name stays well under the file system's limit
+            sets = "_sets-" + hashlib.sha1(sets.encode()).hexdigest()[:8]
         return out / f"{self.name}{sets}_lr{lr:g}_seed{seed}"
 
     def overrides(self, lr: float, seed: int, out: Path, root: Path, steps: int | None) -> dict:
@@ -137,7 +140,7 @@ class Variant:
             "seed": seed,
             "quantize_base": self.quantize,
             "output_dir": out,
-            "class_data_dir": class_dir(root, self.subject),
+            "class_data_dir": class_dir(root, self.subject, self.sets),
             "validation_prompt": None,
             "rank": self.rank,
             "alpha": self.rank,
@@ -145,16 +148,20 @@ class Variant:
         if self.subject != "heart" or self.images is not None:
             over["instance_data_dir"] = subject_images(root, self.subject, self.images)
             over["instance_prompt"] = f"a {tw.SUBJECT_TOKEN} {self.scene.shape}"
-            over["class_prompt"] = f"a {self.scene.shape}"
+            if "class_prompt" not in parse_overrides(list(self.sets)):
+                over["class_prompt"] = f"a {self.scene.shape}"
         if steps:
             over["max_train_steps"] = steps
             over["save_intermediate_every"] = max(1, steps // 4)
         return over
 
 
-def class_dir(root: Path, subject: str) -> Path:
-    """Class images, shared by every run of a subject's class (generated once)."""
-    return root / ("class_images" if subject == "heart" else f"class_images_{subject}")
+def class_dir(root: Path, subject: str, sets: tuple[str, ...] = ()) -> Path:
+    """Class images, shared by every run of a subject's class with the same class prompt(s) (generated once)."""
+    name = "class_images" if subject == "heart" else f"class_images_{subject}"
+    if prompts := parse_overrides(list(sets)).get("class_prompt"):
+        name += "_" + hashlib.sha1(json.dumps(prompts).encode()).hexdigest()[:8]
+    return root / name
 
 
 def subject_images(root: Path, subject: str, count: int | None) -> Path:
@@ -166,10 +173,11 @@ def subject_images(root: Path, subject: str, count: int | None) -> Path:
 
 
 @contextlib.contextmanager
-def class_images_lock(root: Path, subject: str):
-    """Held while a run may generate its class images, so parallel calls of this script make them once."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".class_images_{subject}.lock", "w") as f:
+def class_images_lock(folder: Path):
+    """Held while a run may generate its class images into ``folder``, so parallel calls of this script make them
+    once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -303,6 +311,8 @@ def main() -> None:
             for s in sets
         ):
             variants.append(v)
+            # fidelity against steps is plotted for the main case only: the other cases skip its scoring
+            curve = args.curve and (args.study != "ranks" or (subject, images) == STUDY_CASES[0])
             if args.study == "ranks" and (subject, images) != STUDY_CASES[0]:
                 # the other cases train at each method's best lr for this rank in the main case (seed 0)
                 main_v = Variant(v.kind, v.axis, v.quantize, v.sets, rank=v.rank)
@@ -325,11 +335,11 @@ def main() -> None:
                     if not RunFolder(out).adapter_files():
                         if args.report:
                             continue
-                        over = v.overrides(lr, seed, out, args.out, args.steps)
-                        with class_images_lock(args.out, v.subject):
+                        with class_images_lock(class_dir(args.out, v.subject, v.sets)):  # and the subject's images
+                            over = v.overrides(lr, seed, out, args.out, args.steps)
                             train(load_config(CONFIG, overrides=list(v.sets), **over))
                     # the curve (fidelity at each quarter) only at the lr the table reports: not while choosing it
-                    rates = scores(pipe, out, v.scene, args.samples, args.curve and len(todo) == 1)["final"]
+                    rates = scores(pipe, out, v.scene, args.samples, curve and len(todo) == 1)["final"]
                     found[(v.label, lr, seed)] = rates
                     results.setdefault((v.label, lr), []).append(rates)
                     runs.setdefault((v.label, lr), []).append(out)
@@ -338,7 +348,7 @@ def main() -> None:
                         f"({time.perf_counter() - t0:.0f} s)",
                         flush=True,
                     )
-            if args.curve:
+            if curve:
                 chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found) if len(lrs) > 1 else lrs[0]
                 for out in runs.get((v.label, chosen), []):
                     curves.setdefault((v.label, chosen), []).append(

@@ -33,7 +33,7 @@ class TrainConfig(BaseModel):
     instance_data_dir: Path
     instance_prompt: str = Field(min_length=1)
     class_data_dir: Path | None = None  # default: <output_dir>/class_images
-    class_prompt: str | None = None
+    class_prompt: str | list[str] | None = None  # several: class image k is made from prompt k % n
     with_prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(100, ge=1)
@@ -103,6 +103,16 @@ class TrainConfig(BaseModel):
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {max(8, round(v / 8) * 8)}")
         return v
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_prompts(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (not v or any(not p.strip() for p in v)):
+            raise ValueError(
+                "a list of class prompts needs at least one and no empty ones, e.g. ['a photo of a dog', "
+                "'a photo of a dog on a beach']"
+            )
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
 
     @field_validator("use_in", mode="before")
     @classmethod

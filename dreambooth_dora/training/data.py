@@ -256,6 +256,36 @@ def _read_caption(image: Path) -> str | None:
     return " ".join(text.split()) or None  # newlines → spaces; empty → the instance prompt
 
 
+def class_prompt_list(class_prompt: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """One class prompt or several (a list): class image k is made from prompt k % n. Blank prompts are refused."""
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt or [])
+    if class_prompt is not None and (not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts)):
+        raise DataError(
+            f"class_prompt {class_prompt!r} holds an empty prompt. Name the subject's class, e.g. 'a photo of a "
+            "dog', or several as a list: ['a photo of a dog', 'a photo of a dog on a beach']."
+        )
+    return prompts
+
+
+def class_image_prompts(images: list[Path], class_prompt: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The prompt each class image trains with: its caption file (``class_000000.txt``, which the generator writes
+    beside every image it makes, or the user's own), else the one class prompt. With several class prompts an
+    image without a caption is refused: which prompt it shows is unknown."""
+    prompts = class_prompt_list(class_prompt)
+    out = []
+    for path in images:
+        caption = _read_caption(path)
+        if caption is None and len(prompts) > 1:
+            raise DataError(
+                f"class image {str(path)!r} has no caption file ({path.with_suffix('.txt').name}), and with "
+                f"{len(prompts)} class prompts it is not known which one it shows. Point class_data_dir to a new "
+                "folder (the class images are then made with their captions), add the caption files, or set a "
+                "single class_prompt."
+            )
+        out.append(caption or prompts[0])
+    return out
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images (× repeats), each paired with class image ``index % num_class`` when prior
     preservation is on. ``len`` = instance images × repeats; dataset index i shows image i % n.
@@ -272,7 +302,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         resolution: int,
         *,
         class_dir: str | Path | None = None,
-        class_prompt: str | None = None,
+        class_prompt: str | list[str] | None = None,
         num_class_images: int | None = None,
         center_crop: bool = True,
         random_flip: bool = False,
@@ -292,12 +322,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             raise DataError(
                 "instance_prompt is empty. Describe the subject with a rare token, e.g. 'a photo of sks dog'."
             )
-        if (class_dir is None) != (class_prompt is None) or (class_prompt is not None and not class_prompt.strip()):
+        blank = class_prompt is not None and (
+            not class_prompt or (isinstance(class_prompt, str) and not class_prompt.strip())
+        )
+        if (class_dir is None) != (class_prompt is None) or blank:
             raise DataError(
                 f"class_dir={class_dir!r} and class_prompt={class_prompt!r}: prior preservation needs both "
                 "(e.g. class_prompt='a photo of a dog'), or neither."
             )
-        self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
+        class_prompt_list(class_prompt)  # refuses blank prompts
+        self.instance_prompt = instance_prompt
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.repeats, self.seed, self.max_pixels, self.epoch = repeats, seed, max_pixels, 0
         self.report = scan_images(instance_dir, max_pixels=max_pixels)
@@ -306,6 +340,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.image_buckets = [assign_bucket(w, h, self.buckets) for w, h in self.report.sizes]
         self.class_images: list[Path] = []
         self.class_sizes: list[tuple[int, int]] = []
+        self.class_captions: list[str] = []  # the prompt of each class image
         if class_dir is not None:
             class_report = scan_images(class_dir, max_pixels=max_pixels)
             count = len(class_report.images) if num_class_images is None else num_class_images
@@ -315,6 +350,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     "class images. Generate them first (prior.ensure_class_images) or lower num_class_images."
                 )
             self.class_images, self.class_sizes = class_report.images[:count], class_report.sizes[:count]
+            self.class_captions = class_image_prompts(self.class_images, class_prompt)
 
     @property
     def augmented(self) -> bool:
@@ -323,8 +359,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     @property
     def prompts(self) -> frozenset[str]:
-        """Every distinct prompt an item can carry (captions, instance and class prompt)."""
-        return frozenset(self.captions) | ({self.class_prompt} if self.class_prompt else set())
+        """Every distinct prompt an item can carry (the instance and class images' captions or prompts)."""
+        return frozenset(self.captions) | frozenset(self.class_captions)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops/flips ``__getitem__`` returns."""
@@ -349,7 +385,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         item.update(self._pixels(self.report.images[image], self.report.sizes[image], bucket, streams[0], ""))
         if self.class_images:
             k = index % len(self.class_images)
-            item.update(class_index=k, class_prompt=self.class_prompt)
+            item.update(class_index=k, class_prompt=self.class_captions[k])
             item.update(self._pixels(self.class_images[k], self.class_sizes[k], bucket, streams[1], "class_"))
         return item
 

@@ -1,8 +1,10 @@
-"""Prior preservation: make sure the class-image folder holds enough images of the class prompt.
+"""Prior preservation: make sure the class-image folder holds enough images of the class prompt(s).
 
 DreamBooth trains on instance images and, against language drift, on images the *base* model made for
-the bare class prompt ("a photo of a dog"). Existing usable images in the folder are reused; only the
-missing ones are generated, as ``class_NNNNNN.png``. Image NNNNNN always comes from a generator seeded
+the bare class prompt ("a photo of a dog"), or for several (a list: image k shows prompt k % n, so the
+prior covers more of what the class looks like). Existing usable images in the folder are reused; only the
+missing ones are generated, as ``class_NNNNNN.png`` with the prompt that made it in ``class_NNNNNN.txt``
+(the caption the dataset trains it with). Image NNNNNN always comes from a generator seeded
 with ``seed + NNNNNN``, in the batch of indices ``NNNNNN // batch_size`` (a different batch composition
 changes the last bits of a batched computation, and so a few pixels), so an interrupted or smaller
 earlier run is continued with exactly the images one full run with the same batch size makes. A batch
@@ -21,15 +23,15 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dreambooth_dora.runs import atomic_path
-from dreambooth_dora.training.data import MAX_IMAGE_PIXELS, DataError, scan_images
+from dreambooth_dora.runs import atomic_path, write_text
+from dreambooth_dora.training.data import MAX_IMAGE_PIXELS, DataError, class_prompt_list, scan_images
 
 CLASS_IMAGE_NAME = "class_{:06d}.png"
 
 
 def ensure_class_images(
     pipe: DiffusionPipeline,
-    class_prompt: str,
+    class_prompt: str | list[str],
     class_dir: str | Path,
     num_class_images: int,
     *,
@@ -51,8 +53,9 @@ def ensure_class_images(
     modules are switched to eval for the generation and back to their previous mode afterwards.
     ``on_progress(done, total)`` is called after each image written (the app's progress line).
     """
-    if not class_prompt or not class_prompt.strip():
+    if not class_prompt or (isinstance(class_prompt, str) and not class_prompt.strip()):
         raise DataError("class_prompt is empty. Name the subject's class, e.g. 'a photo of a dog'.")
+    prompts = class_prompt_list(class_prompt)
     for name, value, least in (("num_class_images", num_class_images, 0), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise DataError(f"{name} must be an integer >= {least}; got {value!r}.")
@@ -75,7 +78,7 @@ def ensure_class_images(
             indices.append(k)
         k += 1
     made = _generate(
-        pipe, class_prompt, folder, indices, batch_size, seed, num_inference_steps, guidance_scale,
+        pipe, prompts, folder, indices, batch_size, seed, num_inference_steps, guidance_scale,
         resolution, progress, negative_prompt, on_progress,
     )  # fmt: skip
     return sorted(existing + made)
@@ -98,7 +101,7 @@ def _ensure_writable(folder: Path) -> None:
 
 def _generate(
     pipe: DiffusionPipeline,
-    prompt: str,
+    prompts: list[str],
     folder: Path,
     indices: list[int],
     batch_size: int,
@@ -110,7 +113,8 @@ def _generate(
     negative_prompt: str | None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """Generate and save image k for every k in ``indices``, with batches aligned to batch_size."""
+    """Generate and save image k (prompt k % len(prompts), and that prompt as its caption) for every k in
+    ``indices``, with batches aligned to batch_size."""
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     was_training = {name: m.training for name, m in modules.items()}
     bar_config = getattr(pipe, "_progress_bar_config", None)  # diffusers keeps it here; no public getter
@@ -124,8 +128,9 @@ def _generate(
                 batch = range(group * batch_size, (group + 1) * batch_size)
                 # One CPU generator per image: the same noise on every device, whatever the batch.
                 generators = [torch.Generator("cpu").manual_seed(seed + k) for k in batch]
+                texts = [prompts[k % len(prompts)] for k in batch]
                 images = pipe(
-                    prompt=[prompt] * batch_size,
+                    prompt=texts,
                     negative_prompt=None if negative_prompt is None else [negative_prompt] * batch_size,
                     height=resolution,
                     width=resolution,
@@ -134,9 +139,11 @@ def _generate(
                     generator=generators,
                     output_type="pil",
                 ).images
-                for k, image in zip(batch, images, strict=True):
+                for k, image, text in zip(batch, images, texts, strict=True):
                     if k in wanted:
-                        paths.append(_save_png(image, folder / CLASS_IMAGE_NAME.format(k)))
+                        path = folder / CLASS_IMAGE_NAME.format(k)
+                        write_text(path.with_suffix(".txt"), text + "\n")  # first: an image never lacks it
+                        paths.append(_save_png(image, path))
                         bar.update()
                         if on_progress is not None:
                             on_progress(len(paths), len(indices))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,7 +23,7 @@ from dreambooth_dora.runs import RunFolder, write_text
 from dreambooth_dora.sd.pipelines import DTYPES, BaseArchitecture, describe_architecture, load_pipeline
 from dreambooth_dora.training import checkpoint as ckpt
 from dreambooth_dora.training.config import ConfigError, TrainConfig
-from dreambooth_dora.training.data import DreamBoothDataset, base_fit_warning
+from dreambooth_dora.training.data import DreamBoothDataset, base_fit_warning, class_prompt_list
 from dreambooth_dora.training.objective import training_scheduler
 
 log = logging.getLogger("dreambooth_dora.train")
@@ -187,7 +188,26 @@ def _class_images(cfg: TrainConfig, pipe, accelerator, on_phase=None) -> DreamBo
             on_progress=(lambda done, total: on_phase("class images", done, total)) if on_phase else None,
         )
     accelerator.wait_for_everyone()
-    return make_dataset(cfg, with_class_images=True)
+    dataset = make_dataset(cfg, with_class_images=True)
+    if accelerator.is_main_process and (note := foreign_class_images(dataset, cfg.class_prompt)):
+        log.warning("%s", note)
+    return dataset
+
+
+def foreign_class_images(dataset: DreamBoothDataset, class_prompt: str | list[str]) -> str | None:
+    """A line naming the class images that were made for prompts other than the configured ones (an earlier run
+    with another class_prompt filled the folder): they train with their own captions, which may not be wanted."""
+    wanted = set(class_prompt_list(class_prompt))
+    other = Counter(c for c, path in zip(dataset.class_captions, dataset.class_images, strict=True)
+                    if c not in wanted and path.with_suffix(".txt").is_file())  # fmt: skip
+    if not other:
+        return None
+    shown = ", ".join(f"{text!r} ×{n}" for text, n in other.most_common(3)) + (", …" if len(other) > 3 else "")
+    return (
+        f"{other.total()} of the {len(dataset.class_images)} class images in {dataset.class_images[0].parent} were "
+        f"made for other prompts ({shown}); they train with those captions. For class images of the prompts now "
+        "set, point class_data_dir to a new folder or delete those images."
+    )
 
 
 def _inject(cfg: TrainConfig, pipe, arch, encoders: list[str]) -> dict[str, torch.nn.Parameter]:

@@ -33,6 +33,15 @@ def test_prior_preservation_needs_a_class_prompt():
         validate({**BASE, "with_prior_preservation": True})
 
 
+def test_class_prompt_may_be_several():
+    several = validate({**BASE, "with_prior_preservation": True, "class_prompt": ["a dog", "a dog on grass"]})
+    assert several.class_prompt == ["a dog", "a dog on grass"]
+    assert validate({**BASE, "class_prompt": ["a dog"]}).class_prompt == "a dog"  # a list of one is one prompt
+    for bad in ([], ["a dog", " "]):
+        with pytest.raises(ConfigError, match="class_prompt: a list of class prompts needs at least one"):
+            validate({**BASE, "class_prompt": bad})
+
+
 def test_overrides_parse_yaml_scalars_and_types_convert():
     assert parse_overrides(["rank=8", "kind=lora", "validation_prompt=null", "targets=[to_q, to_v]"]) == {
         "rank": 8,

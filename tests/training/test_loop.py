@@ -98,6 +98,35 @@ def test_smoke_run_writes_everything_and_stock_diffusers_loads_it(base, tmp_path
     assert any(k.startswith("text_encoder.") for k in final)
 
 
+def test_prior_preservation_with_several_class_prompts(tmp_path, monkeypatch):
+    from dreambooth_dora.training.data import DreamBoothDataset
+    from dreambooth_dora.training.setup import foreign_class_images
+
+    seen: list[str] = []
+    collate = DreamBoothDataset.collate
+
+    def spy(items):
+        batch = collate(items)
+        seen.extend(batch.get("class_prompt", []))
+        return batch
+
+    monkeypatch.setattr(DreamBoothDataset, "collate", staticmethod(spy))
+    prompts = ["a photo of a heart", "a photo of a red heart"]
+    # No text-encoder training: the prompts are encoded once up front, so every class caption must be among them.
+    result = train(_cfg(tmp_path, with_prior_preservation=True, class_prompt=prompts, num_class_images=4))
+    assert result.status == "finished"
+    folder = tmp_path / "run" / "class_images"
+    assert [p.read_text().strip() for p in sorted(folder.glob("class_*.txt"))] == prompts * 2
+    assert set(seen) == set(prompts)  # the trainer paired instance images with class images of both prompts
+
+    # A folder filled for another prompt is named, not silently reused as if it showed the prompts now set.
+    ds = DreamBoothDataset(SUBJECT, "sks", 64, class_dir=folder, class_prompt=["a photo of a heart", "a circle"])
+    note = foreign_class_images(ds, ["a photo of a heart", "a circle"])
+    assert note.startswith(f"2 of the 4 class images in {folder} were made for other prompts")
+    assert "'a photo of a red heart' ×2" in note and "point class_data_dir to a new folder" in note
+    assert foreign_class_images(ds, prompts) is None
+
+
 def test_overfitting_one_image_lowers_the_loss_and_moves_every_tensor(tmp_path):
     """One repeated image: a fixed-noise evaluation loss must fall clearly; A, B and m all change."""
     from dreambooth_dora.sd.pipelines import load_pipeline

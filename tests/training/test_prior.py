@@ -84,3 +84,40 @@ def test_bad_arguments_and_unwritable_folders_fail_clearly(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="cannot create the class image folder.*folder you can write to"):
         ensure_class_images(object(), "a dog", tmp_path / "file" / "class", 2)
+
+
+def test_several_class_prompts_take_turns_and_each_image_keeps_its_prompt(tmp_path, tiny_sd15):
+    prompts = ["a dog", "a dog on grass", "a small dog"]
+    fast = FAST | {"batch_size": 1}  # one image per batch: image k then depends on its own prompt and seed only
+    made = ensure_class_images(tiny_sd15, prompts, tmp_path / "class", 4, **fast)
+    captions = [p.with_suffix(".txt").read_text() for p in made]
+    assert captions == ["a dog\n", "a dog on grass\n", "a small dog\n", "a dog\n"]  # image k: prompt k % 3
+    # Image 1 is what the prompt "a dog on grass" alone makes for index 1: the prompt reached the pipeline.
+    alone = ensure_class_images(tiny_sd15, "a dog on grass", tmp_path / "alone", 2, **fast)
+    assert made[1].read_bytes() == alone[1].read_bytes() and made[0].read_bytes() != alone[0].read_bytes()
+    assert (tmp_path / "alone" / "class_000000.txt").read_text() == "a dog on grass\n"  # one prompt: captions too
+
+    (tmp_path / "inst").mkdir()
+    (tmp_path / "inst" / "me.png").write_bytes(made[0].read_bytes())  # an instance image without a caption
+    ds = DreamBoothDataset(
+        tmp_path / "inst", "sks dog", 64, class_dir=tmp_path / "class", class_prompt=prompts, repeats=4
+    )
+    assert [ds[i]["class_prompt"] for i in range(4)] == [c.strip() for c in captions]
+    assert ds.prompts == {"sks dog", *prompts}
+
+
+def test_class_images_without_captions_cannot_serve_several_prompts(tmp_path):
+    inst, cls = tmp_path / "inst", tmp_path / "cls"
+    for folder in (inst, cls):
+        folder.mkdir()
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "a.png")
+    with pytest.raises(DataError, match=r"a.png' has no caption file \(a.txt\), and with 2 class prompts"):
+        DreamBoothDataset(inst, "sks dog", 64, class_dir=cls, class_prompt=["a dog", "a cat"])
+    # One prompt: an uncaptioned class image trains with it, a captioned one with its caption (kohya's habit).
+    assert DreamBoothDataset(inst, "sks dog", 64, class_dir=cls, class_prompt="a dog")[0]["class_prompt"] == "a dog"
+    (cls / "a.txt").write_text("a brown dog\n")
+    assert DreamBoothDataset(inst, "sks dog", 64, class_dir=cls, class_prompt="a dog")[0]["class_prompt"] == (
+        "a brown dog"
+    )
+    with pytest.raises(DataError, match="holds an empty prompt"):
+        DreamBoothDataset(inst, "sks dog", 64, class_dir=cls, class_prompt=["a dog", "  "])
