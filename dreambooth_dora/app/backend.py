@@ -228,6 +228,8 @@ def read_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:
     if "rank" in values and data.get("alpha") is None:
         values["alpha"] = values["rank"]
     prompts = {k: data[k] for k in form.PROMPT_FIELDS if data.get(k)}
+    if "class_prompt" in prompts:
+        prompts["class_prompt"] = form.class_prompts_to_text(prompts["class_prompt"])
     taken = {*FORM_FIELDS, *form.PROMPT_FIELDS, *_NOT_FROM_PRESET}
     other = {k: v for k, v in data.items() if k not in taken}
     other_text = yaml.safe_dump(other, sort_keys=False, default_flow_style=False).strip() if other else ""
@@ -253,6 +255,8 @@ def build_config(values: dict, other: dict | None = None) -> TrainConfig:
     ``save_intermediate_every`` is set so that every run can be analysed in the Analysis tab (5 points).
     """
     data = {**(other or {}), **{k: v for k, v in values.items() if v is not None and v != ""}}
+    if isinstance(data.get("class_prompt"), str):
+        data["class_prompt"] = form.class_prompts_from_text(data["class_prompt"])
     for key in form.INTEGER_FIELDS:
         if isinstance(data.get(key), float) and data[key].is_integer():
             data[key] = int(data[key])  # number widgets send floats

@@ -85,6 +85,17 @@ INTEGER_FIELDS = tuple(f.name for f in FIELDS if f.widget == "integer")
 PROMPT_FIELDS = ("instance_prompt", "class_prompt", "validation_prompt")
 
 
+def class_prompts_from_text(text: str | None) -> str | list[str] | None:
+    """The Class prompt box: one prompt, or several, one per line (class image k is made from line k mod n)."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return None if not lines else lines[0] if len(lines) == 1 else lines
+
+
+def class_prompts_to_text(value: str | list[str] | None) -> str:
+    """A config's class_prompt (one or a list) as the Class prompt box shows it."""
+    return "\n".join(value) if isinstance(value, list) else value or ""
+
+
 def defaults(native_size: int | None = None) -> dict[str, Any]:
     """The form's values when nothing is chosen; ``native_size`` (the loaded base's) fills the resolution."""
     values = {f.name: f.default for f in FIELDS}

@@ -116,7 +116,8 @@ def build(ctx: Shared, default_preset: str) -> TrainTab:
                                             elem_id="class-word")  # fmt: skip
                 instance_prompt = gr.Textbox(instance_default, label="Instance prompt", elem_id="instance-prompt")
                 class_prompt = gr.Textbox(prompts.get("class_prompt", "a photo of a dog"), label="Class prompt",
-                                          elem_id="class-prompt")  # fmt: skip
+                                          info="several: one per line (class image k is made from line k mod n)",
+                                          lines=2, max_lines=8, elem_id="class-prompt")  # fmt: skip
                 with gr.Row():
                     preset = gr.Dropdown([NO_PRESET, *ub.list_presets()], value=default_preset or NO_PRESET,
                                          label="Preset", elem_id="preset")  # fmt: skip

@@ -116,6 +116,21 @@ def test_build_config_from_the_form_and_presets():
         ub.read_preset("../secrets")
 
 
+def test_several_class_prompts_one_per_line(tmp_path):
+    form = {"instance_prompt": "a photo of sks dog", "with_prior_preservation": True}
+    cfg = ub.build_config({**form, "class_prompt": "a photo of a dog\n\n  a photo of a dog on grass \n"})
+    assert cfg.class_prompt == ["a photo of a dog", "a photo of a dog on grass"]  # blank lines and edges dropped
+    assert ub.build_config({**form, "class_prompt": "a photo of a dog\n"}).class_prompt == "a photo of a dog"
+    # A preset with a list shows it one per line, and the box gives the same list back.
+    (tmp_path / "several.yaml").write_text(
+        "# Several class prompts.\ninstance_data_dir: x\ninstance_prompt: sks\n"
+        "class_prompt: [a photo of a dog, a photo of a dog on grass]\n"
+    )
+    shown = ub.read_preset("several", tmp_path).prompts["class_prompt"]
+    assert shown == "a photo of a dog\na photo of a dog on grass"
+    assert ub.build_config({**form, "class_prompt": shown}).class_prompt == cfg.class_prompt
+
+
 def test_identifier_prompts():
     assert ub.identifier_prompts("ohwx", " cat ") == ("a photo of ohwx cat", "a photo of a cat")
     assert ub.identifier_prompts("sks", "owl")[1] == "a photo of an owl"
