@@ -21,8 +21,10 @@ one variant, a bare --set the preset as is) — and keeps intermediate adapters 
 are named by variant, lr and seed; one that already holds an adapter is measured, not retrained (--steps is not in
 the name: use another --out), and its scores are kept in the folder (toy_scores.json), so a later call that only
 reports costs seconds. --select-lr-on SEED trains every lr of the grid on that seed only, and the other seeds at
-each variant's best lr there (by subject fidelity). --study ranks is the whole study: ranks 1 2 4 8 16, the heart
-with 5 and with 3 images and the star, DoRA's grid a little lower than LoRA's, lr chosen on seed 0.
+each variant's best lr there (by subject fidelity). --study ranks is the whole study: ranks 1 2 4 16 (the preset's
+8 is --ranks 8 --lrs 5e-4), the heart with 5 and with 3 images and the star, DoRA's grid a little lower than
+LoRA's, lr chosen on seed 0 of the 5-image heart and used for the other two cases at the same rank; fidelity
+against steps is measured for the 5-image heart only.
 
 Each trained adapter is then measured with the exact toy evaluator (dreambooth_dora/toy/eval.py):
   subject fidelity  — identifier prompts "a sks heart on a {bg} background" showing the subject (%);
