@@ -231,9 +231,20 @@ def scores(pipe, run: Path, scene: tw.Scene, samples: int, curve: bool) -> dict:
     return entry
 
 
-def best_lr(variant: Variant, lrs: tuple[float, ...], seed: int, out: Path, found: dict) -> float | None:
-    """The lr with the best subject fidelity on ``seed`` (ties: less forgetting), None until all are measured."""
-    rated = [(found.get((variant.label, lr, seed)), lr) for lr in lrs]
+def cached_scores(run: Path, samples: int) -> dict | None:
+    """A run's final rates from its score cache (written by ``scores``), or None."""
+    cache_file = run / "toy_scores.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    return cache.get(f"{samples} samples, seed {EVAL_SEED}", {}).get("final")
+
+
+def best_lr(variant: Variant, lrs: tuple[float, ...], seed: int, out: Path, found: dict, samples: int) -> float | None:
+    """The lr with the best subject fidelity on ``seed`` (ties: less forgetting), from this call's runs or the
+    cached scores of earlier ones; None until all are measured."""
+    rated = [
+        (found.get((variant.label, lr, seed)) or cached_scores(variant.folder(out, lr, seed), samples), lr)
+        for lr in lrs
+    ]
     if any(r is None for r, _ in rated):
         return None
     return max(rated, key=lambda x: (x[0][METRICS["subject %"]], -x[0]["forgetting"]))[1]
@@ -318,7 +329,10 @@ def main() -> None:
             if args.study == "ranks" and (subject, images) != STUDY_CASES[0]:
                 # the other cases train at each method's best lr for this rank in the main case (seed 0)
                 main_v = Variant(v.kind, v.axis, v.quantize, v.sets, rank=v.rank)
-                lrs = [best_lr(main_v, lr_grid(args, v.kind), args.select_lr_on, args.out, found)]
+                lrs = [best_lr(main_v, lr_grid(args, v.kind), args.select_lr_on, args.out, found, args.samples)]
+                if lrs[0] is None:
+                    print(f"{v.label}: skipped, its rank has no chosen lr yet: run --cases heart --ranks {v.rank}")
+                    continue
                 seeds = args.seeds
             else:
                 lrs, seeds = list(lr_grid(args, v.kind)), args.seeds
@@ -328,7 +342,7 @@ def main() -> None:
                 order = list(seeds)
             for seed in order:
                 if len(lrs) > 1 and args.select_lr_on is not None and seed != args.select_lr_on:
-                    chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found)
+                    chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found, args.samples)
                     todo = [chosen] if chosen is not None else []
                 else:
                     todo = [lr for lr in lrs if lr is not None]
@@ -351,7 +365,9 @@ def main() -> None:
                         flush=True,
                     )
             if curve:
-                chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found) if len(lrs) > 1 else lrs[0]
+                chosen = lrs[0]
+                if len(lrs) > 1:
+                    chosen = best_lr(v, tuple(lrs), args.select_lr_on, args.out, found, args.samples)
                 for out in runs.get((v.label, chosen), []):
                     curves.setdefault((v.label, chosen), []).append(
                         scores(pipe, out, v.scene, args.samples, True)["curve"]
