@@ -12,19 +12,20 @@ behind docs/quality.md (issue 15: where does DoRA beat LoRA, at what rank and le
     python benchmarks/toy_quality.py --study ranks --kinds lora --threads 1; wait
     python benchmarks/toy_quality.py --study ranks --plots docs/quality     # tables, CIs and plots (no training)
 
-Every run trains training_configs/toy_subject.yaml on builtin:toy (same data, steps, rank, prior preservation),
-changing only kind, learning rate and seed — and, when asked, the rank (--ranks; alpha = rank, so the update's
-scale is the same at every rank), the subject (--subject star: the harder one, a purple star with a thin yellow
-stripe in a colour pair pretraining never put on a star), the number of training images (--images 3), the base's
-quantization (--quantize: QDoRA is dora+nf4, QLoRA lora+nf4) and config overrides (--set KEY=VALUE…: each --set
-one variant, a bare --set the preset as is) — and keeps intermediate adapters for the ΔM/ΔD analysis. Run folders
-are named by variant, lr and seed; one that already holds an adapter is measured, not retrained (--steps is not in
-the name: use another --out), and its scores are kept in the folder (toy_scores.json), so a later call that only
-reports costs seconds. --select-lr-on SEED trains every lr of the grid on that seed only, and the other seeds at
-each variant's best lr there (by subject fidelity). --study ranks is the whole study: ranks 1 2 4 16 (the preset's
-8 is --ranks 8 --lrs 5e-4), the heart with 5 and with 3 images and the star, DoRA's grid a little lower than
-LoRA's, lr chosen on seed 0 of the 5-image heart and used for the other two cases at the same rank; fidelity
-against steps is measured for the 5-image heart only.
+Every run trains training_configs/toy_subject.yaml on builtin:toy (same data, steps, rank, prior preservation with
+the one class prompt "a heart", set here so that an edited preset never changes what a cached run means; several
+class prompts are a --set class_prompt=[…] variant), changing only kind, learning rate and seed — and, when asked,
+the rank (--ranks; alpha = rank, so the update's scale is the same at every rank), the subject (--subject star: the
+harder one, a purple star with a thin yellow stripe in a colour pair pretraining never put on a star), the number of
+training images (--images 3), the base's quantization (--quantize: QDoRA is dora+nf4, QLoRA lora+nf4) and config
+overrides (--set KEY=VALUE…: each --set one variant, a bare --set the preset as is) — and keeps intermediate
+adapters for the ΔM/ΔD analysis. Run folders are named by variant, lr and seed; one that already holds an adapter is
+measured, not retrained (--steps is not in the name: use another --out), and its scores are kept in the folder
+(toy_scores.json), so a later call that only reports costs seconds. --select-lr-on SEED trains every lr of the grid
+on that seed only, and the other seeds at each variant's best lr there (by subject fidelity). --study ranks is the
+whole study: ranks 1 2 4 16 (the preset's 8 is --ranks 8 --lrs 5e-4), the heart with 5 and with 3 images and the
+star, DoRA's grid a little lower than LoRA's, lr chosen on seed 0 of the 5-image heart and used for the other two
+cases at the same rank; fidelity against steps is measured for the 5-image heart only.
 
 Each trained adapter is then measured with the exact toy evaluator (dreambooth_dora/toy/eval.py):
   subject fidelity  — identifier prompts "a sks heart on a {bg} background" showing the subject (%);
@@ -89,6 +90,9 @@ METRICS = {
     "class: ordinary object %": "class prompt: ordinary object %",
     "forgetting": "forgetting",
 }
+# One class prompt for every run, whatever the preset names (runs are cached by folder name, so a changed preset
+# must not change what a folder means); several class prompts are a --set variant.
+STUDY_CLASS_PROMPT = "a {}"
 EVAL_SEED = 10_000  # the same prompts and seeds for every run and for the base model
 CONFIG = ROOT / "training_configs" / "toy_subject.yaml"
 # Keys the script sets per run: --set may not change them (use --kinds, --axes, --lrs, --seeds, --quantize, …).
@@ -150,8 +154,8 @@ class Variant:
         if self.subject != "heart" or self.images is not None:
             over["instance_data_dir"] = subject_images(root, self.subject, self.images)
             over["instance_prompt"] = f"a {tw.SUBJECT_TOKEN} {self.scene.shape}"
-            if "class_prompt" not in parse_overrides(list(self.sets)):
-                over["class_prompt"] = f"a {self.scene.shape}"
+        if "class_prompt" not in parse_overrides(list(self.sets)):
+            over["class_prompt"] = STUDY_CLASS_PROMPT.format(self.scene.shape)
         if steps:
             over["max_train_steps"] = steps
             over["save_intermediate_every"] = max(1, steps // 4)
