@@ -380,7 +380,9 @@ def main() -> None:
 
 
 def report(args, base_cfg, pipe, variants, results, curves, runs, t0) -> None:
-    base_rates, _ = evaluate_subject(pipe, args.samples, seed=EVAL_SEED)  # the same prompts without any adapter
+    # the same prompts without any adapter, for each subject trained
+    subjects = list(dict.fromkeys(v.subject for v in variants)) or ["heart"]
+    base_rates = {s: evaluate_subject(pipe, args.samples, seed=EVAL_SEED, subject=tw.SUBJECTS[s])[0] for s in subjects}
     lines = [
         f"{len(args.seeds)} seeds, {args.samples} identifier + {args.samples} class + {args.samples} base-world "
         f"prompts per run, {args.steps or base_cfg.max_train_steps} steps unless a --set says otherwise"
@@ -397,8 +399,9 @@ def report(args, base_cfg, pipe, variants, results, curves, runs, t0) -> None:
         n_best = len(results.get((label, best[label][0]), [])) if label in best else 0
         if label not in best or (len(rs), fidelity) > (n_best, best[label][1]):  # most seeds, then fidelity
             best[label] = (lr, fidelity)
-    base_cells = (f"{base_rates[k]:.1f}" if k in base_rates else "–" for k in METRICS.values())
-    lines.append("| base model, no adapter (heart prompts) | – | – | " + " | ".join(base_cells) + " |")
+    for subject, rates in base_rates.items():
+        base_cells = (f"{rates[k]:.1f}" if k in rates else "–" for k in METRICS.values())
+        lines.append(f"| base model, no adapter ({subject} prompts) | – | – | " + " | ".join(base_cells) + " |")
     print("\n" + "\n".join(lines))
     tables = {"runs": lines}
     if args.study == "ranks":
