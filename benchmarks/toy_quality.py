@@ -417,7 +417,7 @@ def report(args, base_cfg, pipe, variants, results, curves, runs, t0) -> None:
         analysis = analyze_runs(chosen, args.out / f"analysis_{layers or 'all'}", layers=layers)
         slopes[scope] = {"pooled": analysis.slopes, "within steps": analysis.within_slopes}
         slope_lines += [
-            f"\nΔM/ΔD slope, {scope} (best lr per variant; plot {analysis.png_path}):",
+            f"\nΔM/ΔD slope, {scope} (best lr per variant; plot {_shown_path(analysis.png_path)}):",
             "| variant | lr | pooled, per seed | within steps, per seed | negative within steps |",
             "|---|---:|---|---|---:|",
         ]
@@ -439,6 +439,11 @@ def report(args, base_cfg, pipe, variants, results, curves, runs, t0) -> None:
             {f"{k}_{lr:g}": rs for (k, lr), rs in results.items()} | {"base": base_rates, "slopes": slopes}, indent=1
         )
     )
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (the tables are committed to docs/)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _case(v: Variant) -> str:
