@@ -136,7 +136,7 @@ def test_overfitting_one_image_lowers_the_loss_and_moves_every_tensor(tmp_path):
     one.mkdir()
     shutil.copy(SUBJECT / "heart_1.png", one / "heart.png")
     pipe = load_pipeline("builtin:tiny-sd15")
-    img = torch.from_numpy(np.asarray(Image.open(one / "heart.png").convert("RGB").resize((64, 64)))).float()
+    img = torch.from_numpy(np.array(Image.open(one / "heart.png").convert("RGB").resize((64, 64)))).float()
     pixels = (img.permute(2, 0, 1)[None] / 127.5 - 1).repeat(8, 1, 1, 1)
     sched = training_scheduler(pipe, None)
 
