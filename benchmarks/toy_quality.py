@@ -16,7 +16,7 @@ Every run trains training_configs/toy_subject.yaml on builtin:toy (same data, st
 the one class prompt "a heart", set here so that an edited preset never changes what a cached run means; several
 class prompts are a --set class_prompt=[…] variant), changing only kind, learning rate and seed — and, when asked,
 the rank (--ranks; alpha = rank, so the update's scale is the same at every rank), the subject (--subject star: the
-harder one, a purple star with a thin yellow stripe in a colour pair pretraining never put on a star), the number of
+harder one, a purple star with a yellow stripe, a colour pair pretraining never put on a star), the number of
 training images (--images 3), the base's quantization (--quantize: QDoRA is dora+nf4, QLoRA lora+nf4) and config
 overrides (--set KEY=VALUE…: each --set one variant, a bare --set the preset as is) — and keeps intermediate
 adapters for the ΔM/ΔD analysis. Run folders are named by variant, lr and seed; one that already holds an adapter is
